@@ -1,0 +1,1 @@
+//! Shared bench harness (scenarios, baselines, summary).

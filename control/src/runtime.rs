@@ -1,0 +1,147 @@
+//! Runtimes restore a snapshot onto a prepared host link and control the
+//! sandbox's life: start, pause, resume, stop, exec, and re-adoption after a
+//! daemon restart.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What a template runs: a command and its environment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    /// Template name as the API knows it (`system/debian:bookworm`).
+    pub name: String,
+    /// argv of the sandbox's main process.
+    pub command: Vec<String>,
+    /// Environment of the main process (merged under the sandbox's `env_vars`).
+    pub env: BTreeMap<String, String>,
+}
+
+/// Everything a runtime needs to start one sandbox.
+#[derive(Clone, Debug)]
+pub struct SandboxSpec {
+    /// `sbx-…` identifier.
+    pub id: String,
+    /// Index into the address plan; unique among live sandboxes.
+    pub slot: u32,
+    /// What to run.
+    pub template: Template,
+    /// The sandbox's own environment variables (from the API).
+    pub env_vars: BTreeMap<String, String>,
+    /// Unprivileged uid/gid the sandbox's processes run as.
+    pub uid: u32,
+    /// vCPUs granted (informational for the netns backend).
+    pub vcpu: u32,
+    /// Memory granted in MiB (informational for the netns backend).
+    pub memory_mib: u32,
+}
+
+/// The network a runtime attached the sandbox to (persisted with the sandbox).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    /// Name of the sandbox's network namespace (under `/run/netns`).
+    pub netns: String,
+    /// Host-side interface name.
+    pub host_if: String,
+    /// Guest-side interface name (inside the namespace).
+    pub guest_if: String,
+    /// Host-side address of the link (the sandbox's gateway).
+    pub gateway: Ipv4Addr,
+    /// The sandbox's address.
+    pub guest_addr: Ipv4Addr,
+    /// Prefix length of the link network.
+    pub prefix_len: u8,
+}
+
+/// Handle a runtime returns for a started sandbox; persisted so that a
+/// restarted daemon can re-adopt it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeHandle {
+    /// Runtime backend name (`netns`).
+    pub backend: String,
+    /// PID of the sandbox's supervising process on the host.
+    pub pid: i32,
+    /// Start time of that PID (from `/proc/PID/stat`, field 22), to detect reuse.
+    pub pid_start: u64,
+    /// The attached network.
+    pub network: NetworkInfo,
+}
+
+/// Result of a command run inside a sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOutput {
+    /// Exit code; 128+N when killed by signal N; 124 on timeout.
+    pub exit_code: i32,
+    /// Captured standard output (lossy UTF-8).
+    pub stdout: String,
+    /// Captured standard error (lossy UTF-8).
+    pub stderr: String,
+}
+
+/// A command to run inside a sandbox.
+#[derive(Clone, Debug)]
+pub struct ExecRequest {
+    /// argv.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the sandbox (default `/`).
+    pub cwd: Option<PathBuf>,
+    /// Kill the command after this long.
+    pub timeout: Duration,
+}
+
+/// Why a runtime operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The host could not set up the sandbox's network (netlink, namespace).
+    #[error("network setup failed: {0}")]
+    Network(String),
+    /// The sandbox's process could not be started or controlled.
+    #[error("process control failed: {0}")]
+    Process(String),
+    /// The sandbox is not running (dead, or never started).
+    #[error("sandbox is not running")]
+    NotRunning,
+    /// The operation needs privileges the daemon does not have.
+    #[error("insufficient privileges: {0}")]
+    Privilege(String),
+}
+
+/// A sandbox runtime backend. Every method releases what it created on every
+/// failure path: a failed `start` leaves no namespace, link or process.
+#[allow(async_fn_in_trait)]
+pub trait Runtime: Send + Sync + 'static {
+    /// Creates the sandbox's network and starts its main process.
+    fn start(
+        &self,
+        spec: &SandboxSpec,
+    ) -> impl std::future::Future<Output = Result<RuntimeHandle, RuntimeError>> + Send;
+    /// Freezes every process of the sandbox.
+    fn pause(
+        &self,
+        handle: &RuntimeHandle,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
+    /// Thaws a paused sandbox.
+    fn resume(
+        &self,
+        handle: &RuntimeHandle,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
+    /// Kills every process and removes the namespace and link. Idempotent.
+    fn stop(
+        &self,
+        handle: &RuntimeHandle,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
+    /// Runs a command inside the sandbox and collects its output.
+    fn exec(
+        &self,
+        handle: &RuntimeHandle,
+        req: ExecRequest,
+    ) -> impl std::future::Future<Output = Result<ExecOutput, RuntimeError>> + Send;
+    /// After a daemon restart: is this sandbox still alive (same PID, same start
+    /// time, namespace present)?
+    fn is_alive(&self, handle: &RuntimeHandle) -> bool;
+}

@@ -1,0 +1,5 @@
+//! tollgate's data plane: the network-policy model and matcher, and (as they land)
+//! ClientHello / Host detection, the tunnel, TLS interception and DNS.
+#![forbid(unsafe_code)]
+
+pub mod policy;

@@ -1,0 +1,1 @@
+//! Shared harness for tollgate's end-to-end tests.
