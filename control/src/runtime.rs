@@ -145,3 +145,5 @@ pub trait Runtime: Send + Sync + 'static {
     /// time, namespace present)?
     fn is_alive(&self, handle: &RuntimeHandle) -> bool;
 }
+
+pub mod netns;

@@ -1,1 +1,3 @@
 //! Shared harness for tollgate's end-to-end tests.
+
+pub mod privileged;

@@ -1,0 +1,1 @@
+//! Helpers for tests that need root, namespaces or eBPF (STUB: being implemented).
