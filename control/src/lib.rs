@@ -2,4 +2,13 @@
 //! lifecycle, the store, runtimes and per-sandbox network setup. `main.rs` only
 //! wires these together.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod model;
+pub mod net;
+pub mod openapi;
 pub mod runtime;
+pub mod service;
+pub mod store;
+pub mod validate;

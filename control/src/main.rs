@@ -1,10 +1,27 @@
 //! `tollgate`: the daemon (`serve`), the CLI (`exec`), and the hidden
 //! `sandbox-enter` helper the netns runtime re-executes itself as.
 
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use serde_json::json;
+use tollgate::api::{Api, Keys};
+use tollgate::config::Config;
+use tollgate::runtime::netns::{NetnsConfig, NetnsRuntime};
+use tollgate::service::{Org, Service};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "Egress data plane and sandbox API for microVM sandboxes")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Egress data plane and sandbox API for microVM sandboxes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -12,6 +29,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the daemon (needs root: it creates network namespaces and links).
+    Serve {
+        /// Address of the HTTP API [default: 127.0.0.1:8080].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Where sandboxes, snapshots and keys are kept [default: /var/lib/tollgate].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// TOML file adding organizations, keys, limits, host capacity, templates.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a command inside a sandbox; prints its output and exits with its code.
+    Exec {
+        /// Kill the command after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Working directory inside the sandbox.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Sandbox id (`sbx-…`).
+        sandbox_id: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Internal: set up a sandbox's namespaces and exec its process.
     #[command(hide = true)]
     SandboxEnter(tollgate::runtime::netns::EnterArgs),
@@ -23,5 +66,195 @@ fn main() -> anyhow::Result<()> {
         // Must run before any thread is started: setns(2) into a mount namespace
         // requires a single-threaded caller.
         Cmd::SandboxEnter(args) => tollgate::runtime::netns::enter_main(args),
+        Cmd::Serve {
+            listen,
+            state_dir,
+            config,
+        } => {
+            init_logging();
+            let mut cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::default(),
+            };
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(d) = state_dir {
+                cfg.state_dir = d;
+            }
+            tokio::runtime::Runtime::new()?.block_on(serve(cfg))
+        }
+        Cmd::Exec {
+            timeout,
+            cwd,
+            sandbox_id,
+            argv,
+        } => {
+            let code = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(exec(&sandbox_id, argv, cwd, timeout))?;
+            std::process::exit(code)
+        }
     }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// The default organization's key: `TOLLGATE_API_KEY`, else the one kept in
+/// the state dir, else a new one (written 0600 and printed once).
+fn default_key(state_dir: &Path) -> anyhow::Result<String> {
+    if let Ok(k) = std::env::var("TOLLGATE_API_KEY") {
+        let k = k.trim().to_string();
+        anyhow::ensure!(
+            k.len() >= 16,
+            "TOLLGATE_API_KEY must be at least 16 characters"
+        );
+        return Ok(k);
+    }
+    let path = state_dir.join("api-key");
+    if let Ok(k) = std::fs::read_to_string(&path) {
+        let k = k.trim().to_string();
+        if !k.is_empty() {
+            tracing::info!(path = %path.display(), "using the API key kept in the state dir");
+            return Ok(k);
+        }
+    }
+    let key = tollgate::model::new_id("tg_").replace('-', "");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tollgate::store::restrict(&path);
+    writeln!(f, "{key}")?;
+    eprintln!(
+        "TOLLGATE_API_KEY={key}   (generated; kept in {})",
+        path.display()
+    );
+    Ok(key)
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "tollgate serve creates network namespaces and links and must run as root: sudo -E tollgate serve"
+    );
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state dir {}", cfg.state_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let mut keys = HashMap::new();
+    let mut orgs = vec![Org {
+        name: "default".into(),
+        max_sandboxes: 3,
+    }];
+    keys.insert(default_key(&cfg.state_dir)?, "default".to_string());
+    for o in &cfg.organizations {
+        if o.name == "default" {
+            orgs[0].max_sandboxes = o.max_sandboxes;
+        } else {
+            orgs.push(Org {
+                name: o.name.clone(),
+                max_sandboxes: o.max_sandboxes,
+            });
+        }
+        for k in &o.api_keys {
+            anyhow::ensure!(
+                !keys.contains_key(k),
+                "an API key of organization {:?} is already in use",
+                o.name
+            );
+            keys.insert(k.clone(), o.name.clone());
+        }
+    }
+    let exe = std::env::current_exe().context("cannot find the tollgate binary")?;
+    let runtime = NetnsRuntime::new(NetnsConfig {
+        exe,
+        hide_paths: vec![cfg.state_dir.clone()],
+        plan: tollgate::net::AddressPlan::new(cfg.network.pool),
+    });
+    let listen = cfg.listen;
+    let service = Service::open(cfg, orgs, runtime).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(%listen, "tollgate API listening");
+
+    let reaper = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                service.expire().await;
+            }
+        })
+    };
+    let api = Arc::new(Api {
+        service,
+        keys: Keys(keys),
+    });
+    tollgate::api::serve(listener, api, shutdown_signal()).await;
+    reaper.abort();
+    tracing::info!("tollgate stopped; sandboxes keep running and are re-adopted on the next start");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn exec(
+    id: &str,
+    argv: Vec<String>,
+    cwd: Option<String>,
+    timeout: u64,
+) -> anyhow::Result<i32> {
+    let base = std::env::var("TOLLGATE_API_URL")
+        .unwrap_or_else(|_| tollgate::client::DEFAULT_API_URL.to_string());
+    let key = std::env::var("TOLLGATE_API_KEY").context("TOLLGATE_API_KEY is not set")?;
+    let mut body = json!({ "argv": argv, "timeout": timeout });
+    if let (Some(c), Some(m)) = (cwd, body.as_object_mut()) {
+        m.insert("cwd".into(), json!(c));
+    }
+    let path = format!("/v1/sandbox/{id}/process/execute");
+    let (status, v) =
+        tollgate::client::call(&base, &key, http::Method::POST, &path, Some(&body)).await?;
+    if !status.is_success() {
+        let msg = v.get("message").and_then(|m| m.as_str()).unwrap_or("");
+        let mut detail = String::new();
+        if let Some(errs) = v.get("errors").and_then(|e| e.as_array()) {
+            for e in errs {
+                detail.push_str(&format!(
+                    "\n  {}: {}",
+                    e["field"].as_str().unwrap_or(""),
+                    e["error"].as_str().unwrap_or("")
+                ));
+            }
+        }
+        anyhow::bail!("tollgate exec: {status}: {msg}{detail}");
+    }
+    let out = v.get("stdout").and_then(|s| s.as_str()).unwrap_or("");
+    let err = v.get("stderr").and_then(|s| s.as_str()).unwrap_or("");
+    std::io::stdout().write_all(out.as_bytes())?;
+    std::io::stderr().write_all(err.as_bytes())?;
+    Ok(v.get("exit_code").and_then(|c| c.as_i64()).unwrap_or(1) as i32)
 }

@@ -1,3 +1,6 @@
-//! Shared harness for tollgate's end-to-end tests.
+//! Shared harness for tollgate's end-to-end tests: a real daemon per test,
+//! OpenAPI checks of every answer, and the root / namespace helpers.
 
+pub mod daemon;
+pub mod openapi;
 pub mod privileged;

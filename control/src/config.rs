@@ -1,0 +1,196 @@
+//! Daemon configuration: an embedded default that works with no file, and an
+//! optional TOML file (`--config`) that adds organizations, keys, limits,
+//! host capacity and templates.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Deserialize;
+
+use crate::runtime::Template;
+
+/// Name of the default template (an idle shell), as the SDKs default to it.
+pub const DEFAULT_TEMPLATE: &str = "system/debian:bookworm";
+
+/// The configuration file. Every field is optional; unknown fields are errors.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP API (`--listen` overrides it).
+    pub listen: SocketAddr,
+    /// Where sandboxes, snapshots and keys are kept (`--state-dir` overrides it).
+    pub state_dir: PathBuf,
+    /// Organizations and their API keys. When empty, one organization named
+    /// `default` is used whose key is `TOLLGATE_API_KEY` (or generated).
+    pub organizations: Vec<OrgConfig>,
+    /// Compute budget of this host; a restore that does not fit gets 503.
+    pub host: HostConfig,
+    /// Per-sandbox network settings.
+    pub network: NetworkConfig,
+    /// Templates in addition to the built-in `system/debian:bookworm`.
+    pub templates: Vec<TemplateConfig>,
+}
+
+/// One organization.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgConfig {
+    /// Organization name (appears in logs, never in responses).
+    pub name: String,
+    /// API keys that authenticate as this organization.
+    pub api_keys: Vec<String>,
+    /// Live sandboxes allowed at once; more gets 429.
+    #[serde(default = "default_max_sandboxes")]
+    pub max_sandboxes: u32,
+}
+
+/// Compute budget of the host.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// vCPUs that live sandboxes may hold in total.
+    pub vcpu: u32,
+    /// Memory in MiB that live sandboxes may hold in total.
+    pub memory_mib: u64,
+}
+
+/// Per-sandbox network settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Pool the per-sandbox /30 links are cut from (a /16 holds 16,384 sandboxes).
+    pub pool: Ipv4Net,
+    /// Extra ranges denied to every sandbox in every mode (added to the floor).
+    pub deny_cidrs: Vec<IpNet>,
+    /// First uid of the range sandboxes run as (uid = base + slot).
+    pub uid_base: u32,
+}
+
+/// A template: what a sandbox created from it runs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// Name used by `template_name`.
+    pub name: String,
+    /// argv of the sandbox's main process.
+    pub command: Vec<String>,
+    /// Environment of the main process.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_max_sandboxes() -> u32 {
+    3
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            state_dir: PathBuf::from("/var/lib/tollgate"),
+            organizations: Vec::new(),
+            host: HostConfig::default(),
+            network: NetworkConfig::default(),
+            templates: Vec::new(),
+        }
+    }
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            vcpu: 64,
+            memory_mib: 65536,
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            pool: Ipv4Net::new(std::net::Ipv4Addr::new(10, 200, 0, 0), 16).unwrap_or_default(),
+            deny_cidrs: Vec::new(),
+            uid_base: 200_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Rejects configurations that parse but cannot work.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let mut seen_keys = std::collections::HashSet::new();
+        let mut seen_orgs = std::collections::HashSet::new();
+        for org in &self.organizations {
+            anyhow::ensure!(!org.name.is_empty(), "an organization has an empty name");
+            anyhow::ensure!(
+                seen_orgs.insert(&org.name),
+                "organization {:?} is listed twice",
+                org.name
+            );
+            anyhow::ensure!(
+                !org.api_keys.is_empty(),
+                "organization {:?} has no api_keys",
+                org.name
+            );
+            for k in &org.api_keys {
+                anyhow::ensure!(
+                    k.len() >= 16,
+                    "organization {:?} has an API key shorter than 16 characters",
+                    org.name
+                );
+                anyhow::ensure!(
+                    seen_keys.insert(k),
+                    "an API key is listed for two organizations"
+                );
+            }
+        }
+        anyhow::ensure!(
+            self.network.pool.prefix_len() <= 29,
+            "network.pool must be /29 or larger"
+        );
+        for t in &self.templates {
+            anyhow::ensure!(
+                !t.command.is_empty(),
+                "template {:?} has an empty command",
+                t.name
+            );
+            anyhow::ensure!(
+                t.name != DEFAULT_TEMPLATE,
+                "template {:?} is built in",
+                t.name
+            );
+        }
+        Ok(())
+    }
+
+    /// Every template this daemon knows, the built-in one first.
+    pub fn templates(&self) -> Vec<Template> {
+        let mut out = vec![Template {
+            name: DEFAULT_TEMPLATE.to_string(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "while :; do sleep 3600; done".into(),
+            ],
+            env: BTreeMap::new(),
+        }];
+        out.extend(self.templates.iter().map(|t| Template {
+            name: t.name.clone(),
+            command: t.command.clone(),
+            env: t.env.clone(),
+        }));
+        out
+    }
+}

@@ -1,0 +1,656 @@
+//! Sandbox lifecycle: restore, create, pause, snapshot, delete, exec, policy
+//! updates, timeouts, quotas, and re-adoption after a daemon restart.
+//!
+//! The record map is guarded by one mutex that is never held across a runtime
+//! call; a sandbox's state (`Starting`, `Deleting`, …) keeps concurrent
+//! operations on it apart.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tollgate_proxy::policy::{FieldError, NetworkPolicy};
+
+use crate::config::Config;
+use crate::model::{new_id, now, SandboxRecord, SnapshotRecord, State};
+use crate::runtime::{ExecOutput, ExecRequest, Runtime, RuntimeError, SandboxSpec, Template};
+use crate::store::{Store, StoreError};
+use crate::validate::{CreateRequest, ExecRequestBody, RestoreRequest, SnapshotRequest};
+
+/// Disk size reported for every sandbox of the netns runtime (MiB).
+pub const DISK_MIB: u32 = 10240;
+
+/// Why an operation failed; the variant picks the HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Request fields are invalid (400).
+    #[error("invalid request")]
+    Invalid(Vec<FieldError>),
+    /// No such object for this organization (404).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The object exists but is in a state that forbids the operation (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The organization's live-sandbox limit is reached (429).
+    #[error("organization sandbox limit reached ({0} live sandboxes)")]
+    OrgLimit(u32),
+    /// The host has no room for the requested compute (503).
+    #[error("no runner capacity: {0}")]
+    Capacity(String),
+    /// The runtime failed (500).
+    #[error("runtime: {0}")]
+    Runtime(#[from] RuntimeError),
+    /// The store failed (500).
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// An organization as the service knows it.
+#[derive(Clone, Debug)]
+pub struct Org {
+    /// Name.
+    pub name: String,
+    /// Live-sandbox limit.
+    pub max_sandboxes: u32,
+}
+
+struct Inner {
+    sandboxes: HashMap<String, SandboxRecord>,
+    snapshots: HashMap<String, SnapshotRecord>,
+    slots: BTreeSet<u32>,
+}
+
+/// The lifecycle service.
+pub struct Service<R: Runtime> {
+    cfg: Config,
+    orgs: HashMap<String, Org>,
+    templates: HashMap<String, Template>,
+    store: Store,
+    runtime: R,
+    inner: Mutex<Inner>,
+}
+
+impl<R: Runtime> Service<R> {
+    /// Loads the store and re-adopts what is still running. Sandboxes whose
+    /// process is gone are kept, reported as `deleted` with a `status_reason`,
+    /// and their leftovers are released.
+    pub async fn open(cfg: Config, orgs: Vec<Org>, runtime: R) -> anyhow::Result<Arc<Self>> {
+        let store = Store::open(&cfg.state_dir)?;
+        let templates = cfg
+            .templates()
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let mut sandboxes = HashMap::new();
+        let mut slots = BTreeSet::new();
+        for mut r in store.sandboxes()? {
+            match r.state {
+                State::Deleted => {}
+                State::Deleting => {
+                    if let Some(h) = &r.runtime {
+                        if let Err(e) = runtime.stop(h).await {
+                            tracing::warn!(sandbox = %r.id, error = %e, "cannot finish a deletion");
+                            r.status_reason = Some(format!("deletion failed: {e}"));
+                            store.put_sandbox(&r)?;
+                            slots.insert(r.slot);
+                            sandboxes.insert(r.id.clone(), r);
+                            continue;
+                        }
+                    }
+                    store.delete_sandbox(&r.id)?;
+                    continue;
+                }
+                _ => {
+                    let alive = r.runtime.as_ref().is_some_and(|h| runtime.is_alive(h));
+                    if alive {
+                        if r.state == State::Snapshotting || r.state == State::Unpausing {
+                            r.state = State::Running;
+                        }
+                        tracing::info!(sandbox = %r.id, state = r.state.as_str(), "re-adopted");
+                    } else {
+                        if let Some(h) = &r.runtime {
+                            if let Err(e) = runtime.stop(h).await {
+                                tracing::warn!(sandbox = %r.id, error = %e, "cannot release a lost sandbox");
+                            }
+                        }
+                        tracing::warn!(sandbox = %r.id, "lost: its process did not survive the daemon restart");
+                        r.status_reason = Some(format!(
+                            "lost: its process was gone when the daemon restarted (was {})",
+                            r.state.as_str()
+                        ));
+                        r.state = State::Deleted;
+                        r.state_changed_at = now();
+                        r.runtime = None;
+                    }
+                    store.put_sandbox(&r)?;
+                }
+            }
+            if r.state.is_live() {
+                slots.insert(r.slot);
+            }
+            sandboxes.insert(r.id.clone(), r);
+        }
+        let snapshots = store
+            .snapshots()?
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        let orgs = orgs.into_iter().map(|o| (o.name.clone(), o)).collect();
+        Ok(Arc::new(Self {
+            cfg,
+            orgs,
+            templates,
+            store,
+            runtime,
+            inner: Mutex::new(Inner {
+                sandboxes,
+                snapshots,
+                slots,
+            }),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The daemon's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Paths a sandbox must never see.
+    pub fn hidden_paths(&self) -> Vec<PathBuf> {
+        vec![self.cfg.state_dir.clone()]
+    }
+
+    // === sandboxes ===
+
+    /// `POST /v1/snapshot/resume` and `/v1/snapshot/restore`.
+    pub async fn restore(
+        &self,
+        org: &str,
+        req: RestoreRequest,
+    ) -> Result<SandboxRecord, ServiceError> {
+        let snap = {
+            let inner = self.lock();
+            inner
+                .snapshots
+                .values()
+                .find(|s| {
+                    s.org == org && (s.name == req.snapshot_name || s.id == req.snapshot_name)
+                })
+                .cloned()
+                .ok_or(ServiceError::NotFound("snapshot"))?
+        };
+        let template = self
+            .templates
+            .get(&snap.template_id)
+            .cloned()
+            .ok_or_else(|| {
+                ServiceError::Conflict(format!(
+                    "the snapshot's template {:?} is not available on this host",
+                    snap.template_id
+                ))
+            })?;
+        let policy = req
+            .network_policy
+            .unwrap_or_else(|| snap.network_policy.clone());
+        self.launch(
+            org,
+            template,
+            snap.vcpu,
+            snap.memory_mib,
+            snap.env_vars.clone(),
+            policy,
+            req.timeout_secs,
+            req.auto_pause,
+            Some(snap.id),
+        )
+        .await
+    }
+
+    /// `POST /v1/sandbox`.
+    pub async fn create(
+        &self,
+        org: &str,
+        req: CreateRequest,
+    ) -> Result<SandboxRecord, ServiceError> {
+        let template = self
+            .templates
+            .get(&req.template_name)
+            .cloned()
+            .ok_or_else(|| {
+                ServiceError::Invalid(vec![FieldError {
+                    field: "template_name".into(),
+                    error: format!("no template named {:?} on this host", req.template_name),
+                }])
+            })?;
+        let policy = req.network_policy.unwrap_or_else(NetworkPolicy::allow_all);
+        self.launch(
+            org,
+            template,
+            req.vcpu,
+            req.memory_mib,
+            req.env_vars,
+            policy,
+            req.timeout_secs,
+            req.auto_pause,
+            None,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn launch(
+        &self,
+        org: &str,
+        template: Template,
+        vcpu: u32,
+        memory_mib: u32,
+        env_vars: std::collections::BTreeMap<String, String>,
+        network_policy: NetworkPolicy,
+        timeout_secs: u64,
+        auto_pause: bool,
+        snapshot_id: Option<String>,
+    ) -> Result<SandboxRecord, ServiceError> {
+        let max = self.orgs.get(org).map_or(0, |o| o.max_sandboxes);
+        let record = {
+            let mut inner = self.lock();
+            let live = inner
+                .sandboxes
+                .values()
+                .filter(|s| s.org == org && s.state.is_live())
+                .count();
+            if live as u32 >= max {
+                return Err(ServiceError::OrgLimit(max));
+            }
+            let (used_cpu, used_mem) = inner
+                .sandboxes
+                .values()
+                .filter(|s| s.state.is_live())
+                .fold((0u64, 0u64), |(c, m), s| {
+                    (c + u64::from(s.vcpu), m + u64::from(s.memory_mib))
+                });
+            let host = &self.cfg.host;
+            if used_cpu + u64::from(vcpu) > u64::from(host.vcpu)
+                || used_mem + u64::from(memory_mib) > host.memory_mib
+            {
+                return Err(ServiceError::Capacity(format!(
+                    "needs {vcpu} vCPU / {memory_mib} MiB; host has {} vCPU / {} MiB free",
+                    u64::from(host.vcpu).saturating_sub(used_cpu),
+                    host.memory_mib.saturating_sub(used_mem)
+                )));
+            }
+            let capacity = self.slot_capacity();
+            let slot = (0..capacity)
+                .find(|s| !inner.slots.contains(s))
+                .ok_or_else(|| ServiceError::Capacity("the address pool is exhausted".into()))?;
+            let t = now();
+            let r = SandboxRecord {
+                id: new_id("sbx-"),
+                org: org.to_string(),
+                template_id: template.name.clone(),
+                vcpu,
+                memory_mib,
+                disk_mib: DISK_MIB,
+                timeout_secs,
+                auto_pause,
+                env_vars,
+                network_policy,
+                state: State::Starting,
+                status_reason: None,
+                created_at: t,
+                state_changed_at: t,
+                timeout_at: t.saturating_add(timeout_secs as i64),
+                slot,
+                uid: self.cfg.network.uid_base.saturating_add(slot),
+                snapshot_id,
+                runtime: None,
+            };
+            self.store.put_sandbox(&r)?;
+            inner.slots.insert(slot);
+            inner.sandboxes.insert(r.id.clone(), r.clone());
+            r
+        };
+        let spec = SandboxSpec {
+            id: record.id.clone(),
+            slot: record.slot,
+            template,
+            env_vars: record.env_vars.clone(),
+            uid: record.uid,
+            vcpu,
+            memory_mib,
+        };
+        match self.runtime.start(&spec).await {
+            Ok(handle) => {
+                let mut inner = self.lock();
+                let r = inner
+                    .sandboxes
+                    .get_mut(&record.id)
+                    .ok_or(ServiceError::NotFound("sandbox"))?;
+                r.runtime = Some(handle);
+                r.state = State::Running;
+                r.state_changed_at = now();
+                self.store.put_sandbox(r)?;
+                tracing::info!(sandbox = %r.id, org, slot = r.slot, "sandbox running");
+                Ok(r.clone())
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %record.id, error = %e, "start failed; released");
+                let mut inner = self.lock();
+                inner.sandboxes.remove(&record.id);
+                inner.slots.remove(&record.slot);
+                self.store.delete_sandbox(&record.id)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn slot_capacity(&self) -> u32 {
+        let pool = self.cfg.network.pool;
+        let host_bits = 32 - u32::from(pool.prefix_len());
+        (1u32 << host_bits.min(31)) / 4
+    }
+
+    /// One sandbox of `org`.
+    pub fn get(&self, org: &str, id: &str) -> Result<SandboxRecord, ServiceError> {
+        let inner = self.lock();
+        inner
+            .sandboxes
+            .get(id)
+            .filter(|r| r.org == org)
+            .cloned()
+            .ok_or(ServiceError::NotFound("sandbox"))
+    }
+
+    /// Every sandbox of `org`.
+    pub fn list(&self, org: &str) -> Vec<SandboxRecord> {
+        self.lock()
+            .sandboxes
+            .values()
+            .filter(|r| r.org == org)
+            .cloned()
+            .collect()
+    }
+
+    /// Moves a sandbox from one of `from` states to `to`, returning the record
+    /// as it was.
+    fn transition(
+        &self,
+        org: &str,
+        id: &str,
+        from: &[State],
+        to: State,
+    ) -> Result<SandboxRecord, ServiceError> {
+        let mut inner = self.lock();
+        let r = inner
+            .sandboxes
+            .get_mut(id)
+            .filter(|r| r.org == org)
+            .ok_or(ServiceError::NotFound("sandbox"))?;
+        if !from.contains(&r.state) {
+            return Err(ServiceError::Conflict(format!(
+                "sandbox is {}",
+                r.state.as_str()
+            )));
+        }
+        let before = r.clone();
+        r.state = to;
+        r.state_changed_at = now();
+        self.store.put_sandbox(r)?;
+        Ok(before)
+    }
+
+    fn set_state(&self, id: &str, state: State) -> Result<SandboxRecord, ServiceError> {
+        let mut inner = self.lock();
+        let r = inner
+            .sandboxes
+            .get_mut(id)
+            .ok_or(ServiceError::NotFound("sandbox"))?;
+        r.state = state;
+        r.state_changed_at = now();
+        self.store.put_sandbox(r)?;
+        Ok(r.clone())
+    }
+
+    /// `DELETE /v1/sandbox/{id}/`: kills the sandbox and releases its network.
+    pub async fn delete(&self, org: &str, id: &str) -> Result<(), ServiceError> {
+        let before = self.transition(
+            org,
+            id,
+            &[
+                State::Running,
+                State::Paused,
+                State::Deleted,
+                State::Deleting,
+            ],
+            State::Deleting,
+        )?;
+        if let Some(h) = &before.runtime {
+            if let Err(e) = self.runtime.stop(h).await {
+                let mut inner = self.lock();
+                if let Some(r) = inner.sandboxes.get_mut(id) {
+                    r.status_reason = Some(format!("deletion failed: {e}"));
+                    self.store.put_sandbox(r)?;
+                }
+                return Err(e.into());
+            }
+        }
+        let mut inner = self.lock();
+        if let Some(r) = inner.sandboxes.remove(id) {
+            inner.slots.remove(&r.slot);
+        }
+        self.store.delete_sandbox(id)?;
+        tracing::info!(sandbox = %id, org, "sandbox deleted");
+        Ok(())
+    }
+
+    /// `POST /v1/sandbox/{id}/pause`: freezes the sandbox (idempotent).
+    pub async fn pause(&self, org: &str, id: &str) -> Result<SandboxRecord, ServiceError> {
+        let current = self.get(org, id)?;
+        if current.state == State::Paused {
+            return Ok(current);
+        }
+        let before = self.transition(org, id, &[State::Running], State::Paused)?;
+        if let Some(h) = &before.runtime {
+            if let Err(e) = self.runtime.pause(h).await {
+                self.set_state(id, State::Running)?;
+                return Err(e.into());
+            }
+        }
+        tracing::info!(sandbox = %id, org, "sandbox paused");
+        self.get(org, id)
+    }
+
+    /// Thaws a paused sandbox.
+    pub async fn resume_paused(&self, org: &str, id: &str) -> Result<SandboxRecord, ServiceError> {
+        let current = self.get(org, id)?;
+        if current.state == State::Running {
+            return Ok(current);
+        }
+        let before = self.transition(org, id, &[State::Paused], State::Unpausing)?;
+        if let Some(h) = &before.runtime {
+            if let Err(e) = self.runtime.resume(h).await {
+                self.set_state(id, State::Paused)?;
+                return Err(e.into());
+            }
+        }
+        self.set_state(id, State::Running)
+    }
+
+    /// `POST /v1/sandbox/{id}/snapshot/create`.
+    pub async fn snapshot(
+        &self,
+        org: &str,
+        id: &str,
+        req: SnapshotRequest,
+    ) -> Result<SnapshotRecord, ServiceError> {
+        let name = req.name.unwrap_or_else(|| new_id("snap-"));
+        {
+            let inner = self.lock();
+            if inner
+                .snapshots
+                .values()
+                .any(|s| s.org == org && s.name == name)
+            {
+                return Err(ServiceError::Conflict(format!(
+                    "a snapshot named {name:?} already exists"
+                )));
+            }
+        }
+        let before = self.transition(
+            org,
+            id,
+            &[State::Running, State::Paused],
+            State::Snapshotting,
+        )?;
+        let snap = SnapshotRecord {
+            id: new_id("snp-"),
+            name,
+            org: org.to_string(),
+            template_id: before.template_id.clone(),
+            vcpu: before.vcpu,
+            memory_mib: before.memory_mib,
+            disk_mib: before.disk_mib,
+            env_vars: before.env_vars.clone(),
+            network_policy: before.network_policy.clone(),
+            source_sandbox: before.id.clone(),
+            created_at: now(),
+        };
+        let stored = {
+            let mut inner = self.lock();
+            if inner
+                .snapshots
+                .values()
+                .any(|s| s.org == org && s.name == snap.name)
+            {
+                Err(ServiceError::Conflict(format!(
+                    "a snapshot named {:?} already exists",
+                    snap.name
+                )))
+            } else {
+                self.store
+                    .put_snapshot(&snap)
+                    .map(|()| {
+                        inner.snapshots.insert(snap.id.clone(), snap.clone());
+                    })
+                    .map_err(ServiceError::from)
+            }
+        };
+        self.set_state(id, before.state)?;
+        stored?;
+        tracing::info!(sandbox = %id, snapshot = %snap.id, org, "snapshot stored");
+        if req.kill_sandbox_after {
+            self.delete(org, id).await?;
+        }
+        Ok(snap)
+    }
+
+    /// `PUT /v1/sandbox/{id}/network_policy`: validated and stored atomically.
+    pub fn set_policy(
+        &self,
+        org: &str,
+        id: &str,
+        policy: NetworkPolicy,
+    ) -> Result<SandboxRecord, ServiceError> {
+        let mut inner = self.lock();
+        let r = inner
+            .sandboxes
+            .get_mut(id)
+            .filter(|r| r.org == org)
+            .ok_or(ServiceError::NotFound("sandbox"))?;
+        if !r.state.is_live() || r.state == State::Deleting {
+            return Err(ServiceError::Conflict(format!(
+                "sandbox is {}",
+                r.state.as_str()
+            )));
+        }
+        let mut updated = r.clone();
+        updated.network_policy = policy;
+        self.store.put_sandbox(&updated)?;
+        *r = updated.clone();
+        tracing::info!(sandbox = %id, org, mode = ?updated.network_policy.mode, "network policy updated");
+        Ok(updated)
+    }
+
+    /// `POST /v1/sandbox/{id}/process/execute`.
+    pub async fn exec(
+        &self,
+        org: &str,
+        id: &str,
+        body: ExecRequestBody,
+    ) -> Result<ExecOutput, ServiceError> {
+        let r = self.get(org, id)?;
+        if r.state != State::Running {
+            return Err(ServiceError::Conflict(format!(
+                "sandbox is {}",
+                r.state.as_str()
+            )));
+        }
+        let handle = r.runtime.ok_or(RuntimeError::NotRunning)?;
+        let req = ExecRequest {
+            argv: body.argv,
+            env: body.envs,
+            cwd: body.cwd.map(PathBuf::from),
+            timeout: Duration::from_secs(body.timeout_secs),
+        };
+        Ok(self.runtime.exec(&handle, req).await?)
+    }
+
+    // === snapshots ===
+
+    /// Every snapshot of `org`.
+    pub fn snapshots(&self, org: &str) -> Vec<SnapshotRecord> {
+        self.lock()
+            .snapshots
+            .values()
+            .filter(|s| s.org == org)
+            .cloned()
+            .collect()
+    }
+
+    /// `DELETE /v1/snapshot/{id}` (by id or name).
+    pub fn delete_snapshot(&self, org: &str, id: &str) -> Result<(), ServiceError> {
+        let mut inner = self.lock();
+        let key = inner
+            .snapshots
+            .values()
+            .find(|s| s.org == org && (s.id == id || s.name == id))
+            .map(|s| s.id.clone())
+            .ok_or(ServiceError::NotFound("snapshot"))?;
+        self.store.delete_snapshot(&key)?;
+        inner.snapshots.remove(&key);
+        Ok(())
+    }
+
+    // === timeouts ===
+
+    /// Acts on every sandbox whose timeout has passed: pause if `auto_pause`,
+    /// else delete. Called periodically by the daemon.
+    pub async fn expire(&self) {
+        let t = now();
+        let due: Vec<SandboxRecord> = self
+            .lock()
+            .sandboxes
+            .values()
+            .filter(|r| r.timeout_at <= t && r.state == State::Running)
+            .cloned()
+            .collect();
+        for r in due {
+            let result = if r.auto_pause {
+                self.pause(&r.org, &r.id).await.map(|_| ())
+            } else {
+                self.delete(&r.org, &r.id).await
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(sandbox = %r.id, auto_pause = r.auto_pause, "timeout reached")
+                }
+                Err(e) => tracing::warn!(sandbox = %r.id, error = %e, "timeout action failed"),
+            }
+        }
+    }
+}

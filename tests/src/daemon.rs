@@ -1,0 +1,299 @@
+//! A real `tollgate serve` process for a test: its own state dir, config,
+//! port and keys. Dropping it deletes every sandbox it still holds (so no
+//! namespace or link outlives the test) and stops the daemon.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::openapi::Contract;
+
+/// Key of the `default` organization in every test daemon.
+pub const KEY_DEFAULT: &str = "tg_test_default_key_0001";
+/// Key of a second organization, `other`.
+pub const KEY_OTHER: &str = "tg_test_other_org_key_0002";
+
+/// A running daemon.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Base URL of its API.
+    pub url: String,
+    /// Its state dir.
+    pub state_dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    contract: Option<Contract>,
+    keep_state: bool,
+}
+
+/// One API answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Status.
+    pub status: StatusCode,
+    /// Parsed JSON body (`Null` when empty).
+    pub body: Value,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Config used by the API tests unless a test gives its own: two
+/// organizations, the default limit of 3 live sandboxes, a small host budget.
+pub fn default_config(pool: &str) -> String {
+    format!(
+        r#"
+[[organizations]]
+name = "other"
+api_keys = ["{KEY_OTHER}"]
+max_sandboxes = 2
+
+[host]
+vcpu = 6
+memory_mib = 6144
+
+[network]
+pool = "{pool}"
+"#
+    )
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh state dir with `config` (TOML).
+    pub fn start(name: &str, config: &str) -> Self {
+        let state =
+            std::env::temp_dir().join(format!("tollgate-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).expect("create test state dir");
+        let cfg = state.with_extension("toml");
+        std::fs::write(&cfg, config).expect("write test config");
+        Self::start_on(state, cfg)
+    }
+
+    /// Starts a daemon on an existing state dir and config (a restart).
+    pub fn start_on(state_dir: PathBuf, config: PathBuf) -> Self {
+        crate::privileged::require_root();
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state_dir.with_extension("log"))
+            .expect("open daemon log");
+        let child = Command::new(crate::privileged::tollgate_bin())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--state-dir",
+            ])
+            .arg(&state_dir)
+            .arg("--config")
+            .arg(&config)
+            .env("TOLLGATE_API_KEY", KEY_DEFAULT)
+            .env("TOLLGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tollgate serve");
+        let mut d = Self {
+            child: Some(child),
+            url,
+            state_dir,
+            config,
+            contract: None,
+            keep_state: false,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("tollgate serve exited early ({st}); log: {}", self.log());
+                }
+            }
+            if let Ok(a) = self.call_raw(Method::GET, "/healthz", None, None) {
+                if a.status == StatusCode::OK {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready in 20 s; log: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Sends a request with `key` (None: no credentials).
+    pub fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Answer> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let url = self.url.clone();
+        let (status, body) = rt.block_on(async move {
+            match key {
+                Some(k) => tollgate::client::call(&url, k, method, path, body).await,
+                None => call_anonymous(&url, method, path).await,
+            }
+        })?;
+        Ok(Answer { status, body })
+    }
+
+    /// Sends a request as the default organization and checks the answer
+    /// against the OpenAPI document for `template` (the path as documented).
+    pub fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        template: &str,
+        key: &str,
+        body: Option<&Value>,
+    ) -> Answer {
+        let a = self
+            .call_raw(method.clone(), path, Some(key), body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        if self.contract.is_none() {
+            let doc = self
+                .call_raw(Method::GET, "/v1/openapi.json", None, None)
+                .expect("openapi.json");
+            assert_eq!(doc.status, StatusCode::OK);
+            self.contract = Some(Contract::new(doc.body));
+        }
+        if let Some(c) = &self.contract {
+            c.check(&method, template, a.status, &a.body);
+        }
+        a
+    }
+
+    /// Stops the daemon with SIGTERM (sandboxes keep running) and keeps the
+    /// state dir, for a restart with [`Daemon::start_on`].
+    pub fn stop_keep_state(mut self) -> (PathBuf, PathBuf) {
+        self.keep_state = true;
+        self.terminate();
+        (self.state_dir.clone(), self.config.clone())
+    }
+
+    /// Kills the daemon with SIGKILL (no chance to clean up).
+    pub fn kill_keep_state(mut self) -> (PathBuf, PathBuf) {
+        self.keep_state = true;
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        (self.state_dir.clone(), self.config.clone())
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Deletes every sandbox of both test organizations.
+    pub fn delete_all(&self) {
+        for key in [KEY_DEFAULT, KEY_OTHER] {
+            let Ok(a) = self.call_raw(Method::GET, "/v1/sandboxes?page-size=100", Some(key), None)
+            else {
+                continue;
+            };
+            let items = a.body["items"].as_array().cloned().unwrap_or_default();
+            for it in items {
+                if let Some(id) = it["id"].as_str() {
+                    let _ = self.call_raw(
+                        Method::DELETE,
+                        &format!("/v1/sandbox/{id}/"),
+                        Some(key),
+                        None,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() && !self.keep_state {
+            self.delete_all();
+        }
+        self.terminate();
+        if !self.keep_state && !std::thread::panicking() {
+            remove_state(&self.state_dir);
+        }
+    }
+}
+
+/// Removes a test daemon's state dir, config and log.
+pub fn remove_state(state: &Path) {
+    let _ = std::fs::remove_dir_all(state);
+    let _ = std::fs::remove_file(state.with_extension("toml"));
+    let _ = std::fs::remove_file(state.with_extension("log"));
+}
+
+async fn call_anonymous(
+    base: &str,
+    method: Method,
+    path: &str,
+) -> anyhow::Result<(StatusCode, Value)> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+    let uri: http::Uri = format!("{base}{path}").parse()?;
+    let host = uri.host().unwrap_or("127.0.0.1").to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
+    Ok((status, v))
+}

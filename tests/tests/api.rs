@@ -1,0 +1,603 @@
+//! The control API against its contract: every field rule, 401 / 404 / 429 /
+//! 503 paths, the lifecycle, secrets redaction, timeouts, restarts. Runs a
+//! real daemon (root: sandboxes are network namespaces). Every answer is
+//! checked against `/v1/openapi.json` by the harness.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use tollgate_tests::daemon::{default_config, Daemon, KEY_DEFAULT, KEY_OTHER};
+
+/// One daemon at a time per test binary: they share the host's namespace table.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fields(a: &tollgate_tests::daemon::Answer) -> HashSet<String> {
+    a.body["errors"]
+        .as_array()
+        .map_or_else(HashSet::new, |errs| {
+            errs.iter()
+                .filter_map(|e| e["field"].as_str().map(str::to_string))
+                .collect()
+        })
+}
+
+/// Creates a sandbox, snapshots it as `name`, deletes the sandbox.
+fn make_snapshot(d: &mut Daemon, key: &str, name: &str, policy: Option<Value>) -> Value {
+    let mut body = json!({"template_name": "system/debian:bookworm", "vcpu": 1, "memory": 512});
+    if let Some(p) = policy {
+        body["network_policy"] = p;
+    }
+    let a = d.call(Method::POST, "/v1/sandbox", "/v1/sandbox", key, Some(&body));
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let id = a.body["id"].as_str().expect("id").to_string();
+    let s = d.call(
+        Method::POST,
+        &format!("/v1/sandbox/{id}/snapshot/create"),
+        "/v1/sandbox/{id}/snapshot/create",
+        key,
+        Some(&json!({"name": name, "kill_sandbox_after": true})),
+    );
+    assert_eq!(s.status, StatusCode::CREATED, "{}", s.body);
+    let g = d.call(
+        Method::GET,
+        &format!("/v1/sandbox/{id}/"),
+        "/v1/sandbox/{id}/",
+        key,
+        None,
+    );
+    assert_eq!(
+        g.status,
+        StatusCode::NOT_FOUND,
+        "kill_sandbox_after must delete the source sandbox"
+    );
+    s.body
+}
+
+#[test]
+fn resume_rejects_every_bad_field_at_once() {
+    let _g = serial();
+    let mut d = Daemon::start("fields", &default_config("10.210.0.0/20"));
+    let mut domains: Vec<Value> = (0..51)
+        .map(|i| json!(format!("d{i}.example.com")))
+        .collect();
+    domains[1] = json!("*");
+    let body = json!({
+        "timeout_min": 481,
+        "auto_pause": "yes",
+        "surprise": 1,
+        "network_policy": {
+            "mode": "custom",
+            "allow_domains": domains,
+            "allow_cidrs": ["10.1.2.3/8"],
+            "transforms": [{"domain": "api.example.com", "inject_headers": {"Bad Name": "x", "Authorization": "a\r\nX-Evil: 1"}}]
+        }
+    });
+    let a = d.call(
+        Method::POST,
+        "/v1/snapshot/resume",
+        "/v1/snapshot/resume",
+        KEY_DEFAULT,
+        Some(&body),
+    );
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    let f = fields(&a);
+    for want in [
+        "snapshot_name",
+        "timeout_min",
+        "auto_pause",
+        "surprise",
+        "network_policy.allow_domains",
+        "network_policy.allow_domains[1]",
+        "network_policy.allow_cidrs[0]",
+        "network_policy.transforms[0].inject_headers[\"Bad Name\"]",
+        "network_policy.transforms[0].inject_headers.Authorization",
+    ] {
+        assert!(f.contains(want), "no error for {want}: {}", a.body);
+    }
+    let text = a.body.to_string();
+    assert!(
+        !text.contains("X-Evil"),
+        "a rejected secret value was echoed: {text}"
+    );
+    assert!(
+        text.contains("10.0.0.0/8"),
+        "the CIDR error must name the network meant: {text}"
+    );
+
+    // timeout_min lower bound, mode required, non-object policy.
+    let a = d.call(
+        Method::POST,
+        "/v1/snapshot/resume",
+        "/v1/snapshot/resume",
+        KEY_DEFAULT,
+        Some(&json!({"snapshot_name": "x", "timeout_min": 0, "network_policy": {"allow_domains": []}})),
+    );
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let f = fields(&a);
+    assert!(
+        f.contains("timeout_min") && f.contains("network_policy.mode"),
+        "{}",
+        a.body
+    );
+
+    // Not JSON, not an object.
+    let a = d.call(
+        Method::POST,
+        "/v1/snapshot/resume",
+        "/v1/snapshot/resume",
+        KEY_DEFAULT,
+        Some(&json!([1, 2])),
+    );
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(fields(&a).contains("body"));
+}
+
+#[test]
+fn restore_and_create_field_rules() {
+    let _g = serial();
+    let mut d = Daemon::start("fields2", &default_config("10.210.16.0/20"));
+    for (body, field) in [
+        (json!({"snapshot_name": "s", "timeout": 0}), "timeout"),
+        (json!({"snapshot_name": "s", "timeout": 28801}), "timeout"),
+        (json!({"snapshot_name": ""}), "snapshot_name"),
+        (json!({"snapshot_name": "x".repeat(65)}), "snapshot_name"),
+        (
+            json!({"snapshot_name": "s", "network_policy": {"mode": "sometimes"}}),
+            "network_policy.mode",
+        ),
+    ] {
+        let a = d.call(
+            Method::POST,
+            "/v1/snapshot/restore",
+            "/v1/snapshot/restore",
+            KEY_DEFAULT,
+            Some(&body),
+        );
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(fields(&a).contains(field), "{body} → {}", a.body);
+    }
+    for (body, field) in [
+        (json!({"vcpu": 9}), "vcpu"),
+        (json!({"vcpu": 0}), "vcpu"),
+        (json!({"memory": 513}), "memory"),
+        (json!({"memory": 256}), "memory"),
+        (json!({"timeout": 28801}), "timeout"),
+        (json!({"env_vars": {"1BAD": "x"}}), "env_vars.1BAD"),
+        (
+            json!({"template_name": "no/such:template"}),
+            "template_name",
+        ),
+        (
+            json!({"network_policy": {"mode": "custom", "transforms": [{"domain": "a.com"}, {"domain": "A.com."}]}}),
+            "network_policy.transforms[1].domain",
+        ),
+    ] {
+        let a = d.call(
+            Method::POST,
+            "/v1/sandbox",
+            "/v1/sandbox",
+            KEY_DEFAULT,
+            Some(&body),
+        );
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body} → {}", a.body);
+        assert!(fields(&a).contains(field), "{body} → {}", a.body);
+    }
+    let a = d.call(
+        Method::GET,
+        "/v1/sandboxes?page-size=101&order-by=up",
+        "/v1/sandboxes",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let f = fields(&a);
+    assert!(
+        f.contains("page-size") && f.contains("order-by"),
+        "{}",
+        a.body
+    );
+}
+
+#[test]
+fn auth_401_and_404_paths() {
+    let _g = serial();
+    let mut d = Daemon::start("auth", &default_config("10.210.32.0/20"));
+    let a = d
+        .call_raw(Method::GET, "/v1/sandboxes", None, None)
+        .expect("call");
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(a.body["message"].is_string());
+    let a = d.call(
+        Method::GET,
+        "/v1/sandboxes",
+        "/v1/sandboxes",
+        "wrong-key-000000000",
+        None,
+    );
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        a.body.as_object().map(|o| o.len()),
+        Some(1),
+        "401 body is {{message}}: {}",
+        a.body
+    );
+
+    let a = d.call(
+        Method::POST,
+        "/v1/snapshot/resume",
+        "/v1/snapshot/resume",
+        KEY_DEFAULT,
+        Some(&json!({"snapshot_name": "does-not-exist"})),
+    );
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(a.body["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("snapshot")));
+
+    // Cross-organization objects are 404.
+    make_snapshot(&mut d, KEY_DEFAULT, "mine", None);
+    let a = d.call(
+        Method::POST,
+        "/v1/snapshot/restore",
+        "/v1/snapshot/restore",
+        KEY_OTHER,
+        Some(&json!({"snapshot_name": "mine"})),
+    );
+    assert_eq!(
+        a.status,
+        StatusCode::NOT_FOUND,
+        "other org restored my snapshot: {}",
+        a.body
+    );
+    let c = d.call(
+        Method::POST,
+        "/v1/sandbox",
+        "/v1/sandbox",
+        KEY_DEFAULT,
+        Some(&json!({"memory": 512})),
+    );
+    assert_eq!(c.status, StatusCode::CREATED);
+    let id = c.body["id"].as_str().expect("id").to_string();
+    let p = format!("/v1/sandbox/{id}/");
+    assert_eq!(
+        d.call(Method::GET, &p, "/v1/sandbox/{id}/", KEY_OTHER, None)
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        d.call(Method::DELETE, &p, "/v1/sandbox/{id}/", KEY_OTHER, None)
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    let l = d.call(
+        Method::GET,
+        "/v1/sandboxes",
+        "/v1/sandboxes",
+        KEY_OTHER,
+        None,
+    );
+    assert_eq!(
+        l.body["total_items"], 0,
+        "other org sees my sandbox: {}",
+        l.body
+    );
+    let snaps = d.call(
+        Method::GET,
+        "/v1/snapshots",
+        "/v1/snapshots",
+        KEY_OTHER,
+        None,
+    );
+    assert_eq!(snaps.body["total_items"], 0);
+    let del = d.call(
+        Method::DELETE,
+        "/v1/snapshot/mine",
+        "/v1/snapshot/{id}",
+        KEY_OTHER,
+        None,
+    );
+    assert_eq!(del.status, StatusCode::NOT_FOUND);
+    // X-API-Key and the bare key work too.
+    let a = d
+        .call_raw(Method::GET, &p, Some(KEY_DEFAULT), None)
+        .expect("call");
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        d.call(Method::DELETE, &p, "/v1/sandbox/{id}/", KEY_DEFAULT, None)
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        d.call(Method::GET, &p, "/v1/sandbox/{id}/", KEY_DEFAULT, None)
+            .status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[test]
+fn org_limit_429_and_capacity_503() {
+    let _g = serial();
+    let mut d = Daemon::start("limits", &default_config("10.210.48.0/20"));
+    // Host budget is 6 vCPU: 8 can never fit.
+    let a = d.call(
+        Method::POST,
+        "/v1/sandbox",
+        "/v1/sandbox",
+        KEY_DEFAULT,
+        Some(&json!({"vcpu": 8, "memory": 512})),
+    );
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+    assert!(a.body["message"].is_string());
+    // `other` may hold 2 live sandboxes.
+    for _ in 0..2 {
+        let a = d.call(
+            Method::POST,
+            "/v1/sandbox",
+            "/v1/sandbox",
+            KEY_OTHER,
+            Some(&json!({"memory": 512})),
+        );
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    }
+    let a = d.call(
+        Method::POST,
+        "/v1/sandbox",
+        "/v1/sandbox",
+        KEY_OTHER,
+        Some(&json!({"memory": 512})),
+    );
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
+    // The default org is not affected by other's quota; 5 vCPU would exceed
+    // the remaining 4 of the host budget → 503.
+    let a = d.call(
+        Method::POST,
+        "/v1/sandbox",
+        "/v1/sandbox",
+        KEY_DEFAULT,
+        Some(&json!({"vcpu": 5, "memory": 512})),
+    );
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+    let a = d.call(
+        Method::POST,
+        "/v1/sandbox",
+        "/v1/sandbox",
+        KEY_DEFAULT,
+        Some(&json!({"vcpu": 4, "memory": 512})),
+    );
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+}
+
+#[test]
+fn lifecycle_snapshot_resume_policy_and_redaction() {
+    let _g = serial();
+    let mut d = Daemon::start("life", &default_config("10.210.64.0/20"));
+    let stored = json!({"mode": "custom", "allow_domains": ["Example.COM."]});
+    let snap = make_snapshot(&mut d, KEY_DEFAULT, "base", Some(stored));
+    assert_eq!(
+        snap["network_policy"]["allow_domains"],
+        json!(["example.com"]),
+        "normalised: {snap}"
+    );
+
+    // Resume without a policy: the snapshot's applies.
+    let a = d.call(
+        Method::POST,
+        "/v1/snapshot/resume",
+        "/v1/snapshot/resume",
+        KEY_DEFAULT,
+        Some(&json!({"snapshot_name": "base"})),
+    );
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["network_policy"]["mode"], "custom");
+    assert_eq!(a.body["state"], "running");
+    assert_eq!(a.body["timeout"], 300, "timeout_min defaults to 5");
+    let first = a.body["id"].as_str().expect("id").to_string();
+
+    // Resume with a policy: it overrides; secrets are write-only.
+    let secret = "Bearer sk-live-0123456789abcdef";
+    let policy = json!({"mode": "custom", "allow_domains": ["*.pypi.org"], "allow_cidrs": ["192.168.7.0/24"],
+        "transforms": [{"domain": "api.openai.com", "inject_headers": {"Authorization": secret}, "strip_headers": ["X-Api-Key"]}]});
+    let a = d.call(
+        Method::POST,
+        "/v1/snapshot/resume",
+        "/v1/snapshot/resume",
+        KEY_DEFAULT,
+        Some(&json!({"snapshot_name": "base", "timeout_min": 30, "auto_pause": true, "network_policy": policy})),
+    );
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["timeout"], 1800);
+    assert_eq!(a.body["auto_pause"], true);
+    assert_eq!(
+        a.body["network_policy"]["transforms"][0]["inject_headers"]["Authorization"],
+        "[REDACTED]"
+    );
+    assert_eq!(
+        a.body["network_policy"]["allow_domains"],
+        json!(["*.pypi.org"])
+    );
+    let id = a.body["id"].as_str().expect("id").to_string();
+    assert!(id.starts_with("sbx-"));
+    let g = d.call(
+        Method::GET,
+        &format!("/v1/sandbox/{id}/"),
+        "/v1/sandbox/{id}/",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(g.status, StatusCode::OK);
+    assert!(
+        !g.body.to_string().contains("sk-live"),
+        "secret in GET: {}",
+        g.body
+    );
+
+    // Live policy update: validated atomically.
+    let bad = json!({"mode": "custom", "allow_domains": ["ok.example.com", "*"]});
+    let u = d.call(
+        Method::PUT,
+        &format!("/v1/sandbox/{id}/network_policy"),
+        "/v1/sandbox/{id}/network_policy",
+        KEY_DEFAULT,
+        Some(&bad),
+    );
+    assert_eq!(u.status, StatusCode::BAD_REQUEST);
+    let g = d.call(
+        Method::GET,
+        &format!("/v1/sandbox/{id}/"),
+        "/v1/sandbox/{id}/",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(
+        g.body["network_policy"]["allow_domains"],
+        json!(["*.pypi.org"]),
+        "a rejected update changed the policy"
+    );
+    let u = d.call(
+        Method::PUT,
+        &format!("/v1/sandbox/{id}/network_policy"),
+        "/v1/sandbox/{id}/network_policy",
+        KEY_DEFAULT,
+        Some(&json!({"mode": "deny-all"})),
+    );
+    assert_eq!(u.status, StatusCode::OK, "{}", u.body);
+    assert_eq!(u.body["network_policy"]["mode"], "deny-all");
+
+    // List, sort, filter, paginate.
+    let l = d.call(
+        Method::GET,
+        "/v1/sandboxes?sort=created_at&order-by=asc&page=1&page-size=1",
+        "/v1/sandboxes",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(l.status, StatusCode::OK);
+    assert_eq!(l.body["total_items"], 2);
+    assert_eq!(l.body["items"].as_array().map(Vec::len), Some(1));
+    let p = d.call(
+        Method::POST,
+        &format!("/v1/sandbox/{first}/pause"),
+        "/v1/sandbox/{id}/pause",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(p.status, StatusCode::CREATED);
+    assert_eq!(p.body["state"], "paused");
+    let l = d.call(
+        Method::GET,
+        "/v1/sandboxes?state=paused",
+        "/v1/sandboxes",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(l.body["total_items"], 1);
+    assert_eq!(l.body["items"][0]["id"], first.as_str());
+
+    let snaps = d.call(
+        Method::GET,
+        "/v1/snapshots?query=bas",
+        "/v1/snapshots",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(snaps.body["total_items"], 1);
+    let s2 = d.call(
+        Method::POST,
+        &format!("/v1/sandbox/{id}/snapshot/create"),
+        "/v1/sandbox/{id}/snapshot/create",
+        KEY_DEFAULT,
+        Some(&json!({"name": "base"})),
+    );
+    assert_eq!(
+        s2.status,
+        StatusCode::CONFLICT,
+        "duplicate snapshot name: {}",
+        s2.body
+    );
+
+    for sid in [&first, &id] {
+        let r = d.call(
+            Method::DELETE,
+            &format!("/v1/sandbox/{sid}/"),
+            "/v1/sandbox/{id}/",
+            KEY_DEFAULT,
+            None,
+        );
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+    }
+    let r = d.call(
+        Method::DELETE,
+        "/v1/snapshot/base",
+        "/v1/snapshot/{id}",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(!d.log().contains("sk-live"), "secret in the daemon log");
+    let store = std::fs::read_dir(&d.state_dir).expect("state dir");
+    for e in store.flatten() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = e.metadata().expect("meta").permissions().mode() & 0o077;
+        assert_eq!(mode, 0, "{} is readable by others", e.path().display());
+    }
+}
+
+#[test]
+fn timeout_deletes_or_pauses() {
+    let _g = serial();
+    let mut d = Daemon::start("timeout", &default_config("10.210.80.0/20"));
+    let a = d.call(
+        Method::POST,
+        "/v1/sandbox",
+        "/v1/sandbox",
+        KEY_DEFAULT,
+        Some(&json!({"memory": 512, "timeout": 1})),
+    );
+    assert_eq!(a.status, StatusCode::CREATED);
+    let gone = a.body["id"].as_str().expect("id").to_string();
+    let a = d.call(
+        Method::POST,
+        "/v1/sandbox",
+        "/v1/sandbox",
+        KEY_DEFAULT,
+        Some(&json!({"memory": 512, "timeout": 1, "auto_pause": true})),
+    );
+    let paused = a.body["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let g1 = d.call(
+            Method::GET,
+            &format!("/v1/sandbox/{gone}/"),
+            "/v1/sandbox/{id}/",
+            KEY_DEFAULT,
+            None,
+        );
+        let g2 = d.call(
+            Method::GET,
+            &format!("/v1/sandbox/{paused}/"),
+            "/v1/sandbox/{id}/",
+            KEY_DEFAULT,
+            None,
+        );
+        if g1.status == StatusCode::NOT_FOUND && g2.body["state"] == "paused" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timeouts not honoured: {} / {}",
+            g1.body,
+            g2.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !std::path::Path::new(&format!("/run/netns/tollgate-{gone}")).exists(),
+        "expired sandbox left its namespace"
+    );
+}
