@@ -253,24 +253,24 @@ impl<R: Runtime> Api<R> {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "no such endpoint"));
         }
         let org = self.keys.authenticate(req.headers())?.to_string();
-        let svc = &self.service;
+        let svc = self.service.clone();
         match (method.clone(), &segs[1..]) {
             (Method::POST, ["snapshot", "resume"]) => {
                 let body = read_json(req).await?;
                 let r = RestoreRequest::parse_resume(&body).map_err(ApiError::invalid)?;
-                let s = svc.restore(&org, r).await?;
+                let s = detached(svc, move |svc| async move { svc.restore(&org, r).await }).await?;
                 Ok(json_response(StatusCode::CREATED, &sandbox_json(&s)))
             }
             (Method::POST, ["snapshot", "restore"]) => {
                 let body = read_json(req).await?;
                 let r = RestoreRequest::parse_restore(&body).map_err(ApiError::invalid)?;
-                let s = svc.restore(&org, r).await?;
+                let s = detached(svc, move |svc| async move { svc.restore(&org, r).await }).await?;
                 Ok(json_response(StatusCode::CREATED, &sandbox_json(&s)))
             }
             (Method::POST, ["sandbox"]) => {
                 let body = read_json(req).await?;
                 let r = CreateRequest::parse(&body).map_err(ApiError::invalid)?;
-                let s = svc.create(&org, r).await?;
+                let s = detached(svc, move |svc| async move { svc.create(&org, r).await }).await?;
                 Ok(json_response(StatusCode::CREATED, &sandbox_json(&s)))
             }
             (Method::GET, ["sandboxes"]) => {
@@ -315,24 +315,35 @@ impl<R: Runtime> Api<R> {
                 &sandbox_json(&svc.get(&org, id)?),
             )),
             (Method::DELETE, ["sandbox", id] | ["sandbox", id, ""]) => {
-                svc.delete(&org, id).await?;
+                let id = id.to_string();
+                detached(svc, move |svc| async move { svc.delete(&org, &id).await }).await?;
                 Ok(empty(StatusCode::NO_CONTENT))
             }
-            (Method::POST, ["sandbox", id, "pause"]) => Ok(json_response(
-                StatusCode::CREATED,
-                &sandbox_json(&svc.pause(&org, id).await?),
-            )),
-            (Method::POST, ["sandbox", id, "resume"]) => Ok(json_response(
-                StatusCode::CREATED,
-                &sandbox_json(&svc.resume_paused(&org, id).await?),
-            )),
+            (Method::POST, ["sandbox", id, "pause"]) => {
+                let id = id.to_string();
+                let s = detached(svc, move |svc| async move { svc.pause(&org, &id).await }).await?;
+                Ok(json_response(StatusCode::CREATED, &sandbox_json(&s)))
+            }
+            (Method::POST, ["sandbox", id, "resume"]) => {
+                let id = id.to_string();
+                let s = detached(
+                    svc,
+                    move |svc| async move { svc.resume_paused(&org, &id).await },
+                )
+                .await?;
+                Ok(json_response(StatusCode::CREATED, &sandbox_json(&s)))
+            }
             (Method::POST, ["sandbox", id, "snapshot", "create"]) => {
                 let id = id.to_string();
-                let body = read_json_or_empty(req).await?;
-                let r = SnapshotRequest::parse(&body).map_err(ApiError::invalid)?;
                 // 404 before anything else for an unknown sandbox.
                 svc.get(&org, &id)?;
-                let s = svc.snapshot(&org, &id, r).await?;
+                let body = read_json_or_empty(req).await?;
+                let r = SnapshotRequest::parse(&body).map_err(ApiError::invalid)?;
+                let s = detached(
+                    svc,
+                    move |svc| async move { svc.snapshot(&org, &id, r).await },
+                )
+                .await?;
                 Ok(json_response(StatusCode::CREATED, &snapshot_json(&s)))
             }
             (Method::PUT, ["sandbox", id, "network_policy"]) => {
@@ -389,6 +400,28 @@ impl<R: Runtime> Api<R> {
                 StatusCode::NOT_FOUND,
                 format!("no such endpoint: {method} {path}"),
             )),
+        }
+    }
+}
+
+/// Runs a lifecycle operation in its own task, so that a client that hangs
+/// up mid-request cannot cancel it halfway (a half-created namespace, a
+/// half-deleted sandbox).
+async fn detached<R, T, F, Fut>(svc: Arc<Service<R>>, op: F) -> Result<T, ApiError>
+where
+    R: Runtime,
+    T: Send + 'static,
+    F: FnOnce(Arc<Service<R>>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
+{
+    match tokio::spawn(op(svc)).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!(error = %e, "lifecycle task failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "lifecycle operation failed",
+            ))
         }
     }
 }

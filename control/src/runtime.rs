@@ -141,6 +141,14 @@ pub trait Runtime: Send + Sync + 'static {
         handle: &RuntimeHandle,
         req: ExecRequest,
     ) -> impl std::future::Future<Output = Result<ExecOutput, RuntimeError>> + Send;
+    /// Releases whatever a start that never completed (the daemon died
+    /// mid-start) may have left for sandbox `id` on `slot`: processes,
+    /// namespace, link. Idempotent.
+    fn release(
+        &self,
+        id: &str,
+        slot: u32,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
     /// After a daemon restart: is this sandbox still alive (same PID, same start
     /// time, namespace present)?
     fn is_alive(&self, handle: &RuntimeHandle) -> bool;

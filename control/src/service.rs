@@ -110,10 +110,12 @@ impl<R: Runtime> Service<R> {
                         }
                         tracing::info!(sandbox = %r.id, state = r.state.as_str(), "re-adopted");
                     } else {
-                        if let Some(h) = &r.runtime {
-                            if let Err(e) = runtime.stop(h).await {
-                                tracing::warn!(sandbox = %r.id, error = %e, "cannot release a lost sandbox");
-                            }
+                        let released = match &r.runtime {
+                            Some(h) => runtime.stop(h).await,
+                            None => runtime.release(&r.id, r.slot).await,
+                        };
+                        if let Err(e) = released {
+                            tracing::warn!(sandbox = %r.id, error = %e, "cannot release a lost sandbox");
                         }
                         tracing::warn!(sandbox = %r.id, "lost: its process did not survive the daemon restart");
                         r.status_reason = Some(format!(

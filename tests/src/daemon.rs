@@ -158,10 +158,28 @@ impl Daemon {
         let (status, body) = rt.block_on(async move {
             match key {
                 Some(k) => tollgate::client::call(&url, k, method, path, body).await,
-                None => call_anonymous(&url, method, path).await,
+                None => call_with_header(&url, method, path, None).await,
             }
         })?;
         Ok(Answer { status, body })
+    }
+
+    /// Sends a bodiless request with one extra header (credentials in a form
+    /// the default client does not use).
+    pub fn call_header(&self, method: Method, path: &str, name: &str, value: &str) -> Answer {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let (status, body) = rt
+            .block_on(call_with_header(
+                &self.url,
+                method,
+                path,
+                Some((name, value)),
+            ))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        Answer { status, body }
     }
 
     /// Sends a request as the default organization and checks the answer
@@ -267,10 +285,11 @@ pub fn remove_state(state: &Path) {
     let _ = std::fs::remove_file(state.with_extension("log"));
 }
 
-async fn call_anonymous(
+async fn call_with_header(
     base: &str,
     method: Method,
     path: &str,
+    header: Option<(&str, &str)>,
 ) -> anyhow::Result<(StatusCode, Value)> {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::TokioIo;
@@ -282,11 +301,14 @@ async fn call_anonymous(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, format!("{host}:{port}"))
-        .body(Empty::<bytes::Bytes>::new())?;
+        .header(http::header::HOST, format!("{host}:{port}"));
+    if let Some((name, value)) = header {
+        req = req.header(name, value);
+    }
+    let req = req.body(Empty::<bytes::Bytes>::new())?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();

@@ -303,11 +303,27 @@ fn auth_401_and_404_paths() {
         None,
     );
     assert_eq!(del.status, StatusCode::NOT_FOUND);
-    // X-API-Key and the bare key work too.
-    let a = d
-        .call_raw(Method::GET, &p, Some(KEY_DEFAULT), None)
-        .expect("call");
-    assert_eq!(a.status, StatusCode::OK);
+    // X-API-Key and the bare key work too; a key of another org is a 404.
+    assert_eq!(
+        d.call_header(Method::GET, &p, "x-api-key", KEY_DEFAULT)
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        d.call_header(Method::GET, &p, "authorization", KEY_DEFAULT)
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        d.call_header(Method::GET, &p, "x-api-key", KEY_OTHER)
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        d.call_header(Method::GET, &p, "authorization", "Bearer not-a-key-000000")
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(
         d.call(Method::DELETE, &p, "/v1/sandbox/{id}/", KEY_DEFAULT, None)
             .status,

@@ -497,3 +497,21 @@ async fn network_setup_and_teardown_are_idempotent() {
     assert!(!link_exists(&a.host_if));
     drop(guard);
 }
+
+/// A daemon that died mid-start leaves a record without a handle; `release`
+/// finds the sandbox's processes, namespace and link by id and slot alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_by_id_and_slot_removes_a_started_sandbox() {
+    let rt = runtime(vec![]);
+    let id = "sbx-rtn-release";
+    let slot = 4009;
+    let sb = start(&rt, &spec(id, slot, &LOOP)).await;
+    let h = sb.handle.clone();
+    assert!(rt.is_alive(&h));
+    assert!(link_exists(&net::host_if_name(slot)));
+    rt.release(id, slot).await.expect("release");
+    assert!(!rt.is_alive(&h), "release left the supervisor alive");
+    assert_nothing_left(id, slot);
+    rt.release(id, slot).await.expect("second release");
+    drop(sb);
+}

@@ -20,6 +20,16 @@ fn python() -> PathBuf {
     PathBuf::from("python3")
 }
 
+fn python_is_at_least_3_12(py: &PathBuf) -> bool {
+    Command::new(py)
+        .args([
+            "-c",
+            "import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)",
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 #[test]
 fn official_python_sdk_round_trip() {
     let py = python();
@@ -32,9 +42,14 @@ fn official_python_sdk_round_trip() {
         py.display()
     );
     let d = Daemon::start("sdk", &default_config("10.212.0.0/20"));
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/roundtrip.py");
-    let out = Command::new(&py)
-        .arg(&script)
+    let sdk_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk");
+    let mut cmd = Command::new(&py);
+    cmd.arg(sdk_dir.join("roundtrip.py"));
+    if !python_is_at_least_3_12(&py) {
+        // leap0 needs Python 3.12's TypedDict; the shim supplies it on 3.11.
+        cmd.env("PYTHONPATH", sdk_dir.join("py311"));
+    }
+    let out = cmd
         .env("LEAP0_BASE_URL", &d.url)
         .env("LEAP0_API_KEY", KEY_DEFAULT)
         .env("LEAP0_SDK_OTEL_ENABLED", "false")

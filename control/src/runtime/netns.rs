@@ -116,6 +116,25 @@ impl NetnsRuntime {
         Self { config }
     }
 
+    /// The handle of sandbox `id` on `slot` before its supervisor exists
+    /// (no PID): enough to find and release its namespace and link.
+    fn placeholder(&self, id: &str, slot: u32) -> Result<RuntimeHandle, RuntimeError> {
+        let link = self.config.plan.link(slot)?;
+        Ok(RuntimeHandle {
+            backend: BACKEND.to_owned(),
+            pid: 0,
+            pid_start: 0,
+            network: NetworkInfo {
+                netns: net::netns_name(id),
+                host_if: net::host_if_name(slot),
+                guest_if: net::GUEST_IF.to_owned(),
+                gateway: link.gateway,
+                guest_addr: link.guest,
+                prefix_len: link.prefix_len,
+            },
+        })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &NetnsConfig {
         &self.config
@@ -531,23 +550,10 @@ impl Runtime for NetnsRuntime {
         }
         let env = env_json(&Self::sandbox_env(spec))?;
         let name = net::netns_name(&spec.id);
-        let link = self.config.plan.link(spec.slot)?;
         // Armed until the start succeeded or was fully rolled back, so that a
         // cancelled start (future dropped) is cleaned up too.
         let mut guard = StartGuard {
-            armed: Some(RuntimeHandle {
-                backend: BACKEND.to_owned(),
-                pid: 0,
-                pid_start: 0,
-                network: NetworkInfo {
-                    netns: name.clone(),
-                    host_if: net::host_if_name(spec.slot),
-                    guest_if: net::GUEST_IF.to_owned(),
-                    gateway: link.gateway,
-                    guest_addr: link.guest,
-                    prefix_len: link.prefix_len,
-                },
-            }),
+            armed: Some(self.placeholder(&spec.id, spec.slot)?),
         };
         let network = match net::setup(&self.config.plan, &name, spec.slot).await {
             Ok(n) => n,
@@ -594,6 +600,11 @@ impl Runtime for NetnsRuntime {
         let killed = kill_everything(handle).await;
         net::teardown(&handle.network).await?;
         killed
+    }
+
+    async fn release(&self, id: &str, slot: u32) -> Result<(), RuntimeError> {
+        let handle = self.placeholder(id, slot)?;
+        self.stop(&handle).await
     }
 
     async fn exec(
