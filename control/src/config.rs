@@ -194,3 +194,6 @@ impl Config {
         out
     }
 }
+
+#[cfg(test)]
+mod tests;

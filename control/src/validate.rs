@@ -487,7 +487,7 @@ impl ListQuery {
             }
             match k {
                 "page" => match v.parse::<usize>() {
-                    Ok(n) if n >= 1 && n <= 1_000_000 => q.page = n,
+                    Ok(n) if (1..=1_000_000).contains(&n) => q.page = n,
                     _ => errors.push(err("page", "must be an integer of at least 1")),
                 },
                 "page-size" | "page_size" => match v.parse::<usize>() {
@@ -545,3 +545,6 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+#[cfg(test)]
+mod tests;
