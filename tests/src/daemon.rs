@@ -68,17 +68,22 @@ pool = "{pool}"
 impl Daemon {
     /// Starts a daemon on a fresh state dir with `config` (TOML).
     pub fn start(name: &str, config: &str) -> Self {
-        let state =
-            std::env::temp_dir().join(format!("tollgate-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state);
-        std::fs::create_dir_all(&state).expect("create test state dir");
-        let cfg = state.with_extension("toml");
-        std::fs::write(&cfg, config).expect("write test config");
+        let (state, cfg) = fresh_state(name, config);
         Self::start_on(state, cfg)
     }
 
     /// Starts a daemon on an existing state dir and config (a restart).
     pub fn start_on(state_dir: PathBuf, config: PathBuf) -> Self {
+        Self::spawn(state_dir, config, Some(KEY_DEFAULT))
+    }
+
+    /// Starts a daemon without `TOLLGATE_API_KEY` in its environment, so that
+    /// it uses (or generates) the key kept in its state dir.
+    pub fn start_on_without_key(state_dir: PathBuf, config: PathBuf) -> Self {
+        Self::spawn(state_dir, config, None)
+    }
+
+    fn spawn(state_dir: PathBuf, config: PathBuf, key: Option<&str>) -> Self {
         crate::privileged::require_root();
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
@@ -87,7 +92,12 @@ impl Daemon {
             .append(true)
             .open(state_dir.with_extension("log"))
             .expect("open daemon log");
-        let child = Command::new(crate::privileged::tollgate_bin())
+        let mut cmd = Command::new(crate::privileged::tollgate_bin());
+        match key {
+            Some(k) => cmd.env("TOLLGATE_API_KEY", k),
+            None => cmd.env_remove("TOLLGATE_API_KEY"),
+        };
+        let child = cmd
             .args([
                 "serve",
                 "--listen",
@@ -97,7 +107,6 @@ impl Daemon {
             .arg(&state_dir)
             .arg("--config")
             .arg(&config)
-            .env("TOLLGATE_API_KEY", KEY_DEFAULT)
             .env("TOLLGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -276,6 +285,16 @@ impl Drop for Daemon {
             remove_state(&self.state_dir);
         }
     }
+}
+
+/// A new, empty state dir and a config file beside it.
+pub fn fresh_state(name: &str, config: &str) -> (PathBuf, PathBuf) {
+    let state = std::env::temp_dir().join(format!("tollgate-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).expect("create test state dir");
+    let cfg = state.with_extension("toml");
+    std::fs::write(&cfg, config).expect("write test config");
+    (state, cfg)
 }
 
 /// Removes a test daemon's state dir, config and log.

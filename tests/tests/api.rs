@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
-use tollgate_tests::daemon::{default_config, Daemon, KEY_DEFAULT, KEY_OTHER};
+use tollgate_tests::daemon::{
+    default_config, fresh_state, remove_state, Daemon, KEY_DEFAULT, KEY_OTHER,
+};
 
 /// One daemon at a time per test binary: they share the host's namespace table.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -616,4 +618,68 @@ fn timeout_deletes_or_pauses() {
         !std::path::Path::new(&format!("/run/netns/tollgate-{gone}")).exists(),
         "expired sandbox left its namespace"
     );
+}
+
+#[test]
+fn generated_key_is_printed_kept_0600_and_reused_after_restart() {
+    let _g = serial();
+    let (state, cfg) = fresh_state("genkey", &default_config("10.210.96.0/20"));
+    let d = Daemon::start_on_without_key(state.clone(), cfg);
+    let kept = std::fs::read_to_string(state.join("api-key")).expect("key kept in the state dir");
+    let key = kept.trim().to_string();
+    assert!(key.len() >= 16, "weak generated key {key:?}");
+    assert!(
+        d.log().contains(&format!("TOLLGATE_API_KEY={key}")),
+        "key not printed on first start"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(state.join("api-key"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let a = d.call_header(
+        Method::GET,
+        "/v1/sandboxes",
+        "authorization",
+        &format!("Bearer {key}"),
+    );
+    assert_eq!(a.status, StatusCode::OK);
+    let a = d.call_header(
+        Method::GET,
+        "/v1/sandboxes",
+        "authorization",
+        &format!("Bearer {KEY_DEFAULT}"),
+    );
+    assert_eq!(
+        a.status,
+        StatusCode::UNAUTHORIZED,
+        "the env key must not apply when unset"
+    );
+    let (state, cfg) = d.stop_keep_state();
+    let printed_before = std::fs::read_to_string(state.with_extension("log"))
+        .unwrap_or_default()
+        .matches("TOLLGATE_API_KEY=")
+        .count();
+    let d = Daemon::start_on_without_key(state.clone(), cfg);
+    let a = d.call_header(
+        Method::GET,
+        "/v1/sandboxes",
+        "authorization",
+        &format!("Bearer {key}"),
+    );
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "the kept key no longer works after a restart"
+    );
+    assert_eq!(
+        d.log().matches("TOLLGATE_API_KEY=").count(),
+        printed_before,
+        "a second key was generated"
+    );
+    drop(d);
+    remove_state(&state);
 }
