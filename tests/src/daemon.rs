@@ -1,32 +1,49 @@
-//! A real `tollgate serve` process for a test: its own state dir, config,
-//! port and keys. Dropping it deletes every sandbox it still holds (so no
-//! namespace or link outlives the test) and stops the daemon.
+//! A real `tollgate serve` process for a test, run inside a [`Lab`]'s host
+//! namespace so that nothing a sandbox sends can leave the machine: its own
+//! state dir, config, port and keys. Dropping it deletes every sandbox it
+//! still holds (so no namespace or link outlives the test) and stops it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use serde_json::Value;
 
+use crate::lab::{in_netns, Lab};
 use crate::openapi::Contract;
 
 /// Key of the `default` organization in every test daemon.
 pub const KEY_DEFAULT: &str = "tg_test_default_key_0001";
 /// Key of a second organization, `other`.
 pub const KEY_OTHER: &str = "tg_test_other_org_key_0002";
+/// Port of the API inside the lab's host namespace (each lab has its own).
+pub const API_PORT: u16 = 8080;
 
 /// A running daemon.
 pub struct Daemon {
     child: Option<Child>,
-    /// Base URL of its API.
+    /// Base URL of its API (reachable from the lab's host namespace).
     pub url: String,
     /// Its state dir.
     pub state_dir: PathBuf,
     /// Its config file.
     pub config: PathBuf,
+    /// The closed world it runs in.
+    pub lab: Arc<Lab>,
     contract: Option<Contract>,
     keep_state: bool,
+}
+
+/// What a stopped daemon leaves for its restart.
+pub struct Stopped {
+    /// State dir.
+    pub state_dir: PathBuf,
+    /// Config file.
+    pub config: PathBuf,
+    /// The lab its sandboxes still live in.
+    pub lab: Arc<Lab>,
 }
 
 /// One API answer.
@@ -36,13 +53,6 @@ pub struct Answer {
     pub status: StatusCode,
     /// Parsed JSON body (`Null` when empty).
     pub body: Value,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
 }
 
 /// Config used by the API tests unless a test gives its own: two
@@ -66,58 +76,76 @@ pool = "{pool}"
 }
 
 impl Daemon {
-    /// Starts a daemon on a fresh state dir with `config` (TOML).
+    /// Starts a daemon in a new lab on a fresh state dir with `config` (TOML).
     pub fn start(name: &str, config: &str) -> Self {
         let (state, cfg) = fresh_state(name, config);
-        Self::start_on(state, cfg)
+        Self::spawn(
+            Stopped {
+                state_dir: state,
+                config: cfg,
+                lab: Arc::new(Lab::new()),
+            },
+            Some(KEY_DEFAULT),
+        )
     }
 
-    /// Starts a daemon on an existing state dir and config (a restart).
-    pub fn start_on(state_dir: PathBuf, config: PathBuf) -> Self {
-        Self::spawn(state_dir, config, Some(KEY_DEFAULT))
+    /// Starts a daemon again on what a stopped one left (a restart).
+    pub fn restart(stopped: Stopped) -> Self {
+        Self::spawn(stopped, Some(KEY_DEFAULT))
     }
 
     /// Starts a daemon without `TOLLGATE_API_KEY` in its environment, so that
     /// it uses (or generates) the key kept in its state dir.
-    pub fn start_on_without_key(state_dir: PathBuf, config: PathBuf) -> Self {
-        Self::spawn(state_dir, config, None)
+    pub fn restart_without_key(stopped: Stopped) -> Self {
+        Self::spawn(stopped, None)
     }
 
-    fn spawn(state_dir: PathBuf, config: PathBuf, key: Option<&str>) -> Self {
+    /// A fresh lab and state, for [`Daemon::restart_without_key`].
+    pub fn prepare(name: &str, config: &str) -> Stopped {
+        let (state_dir, config) = fresh_state(name, config);
+        Stopped {
+            state_dir,
+            config,
+            lab: Arc::new(Lab::new()),
+        }
+    }
+
+    fn spawn(s: Stopped, key: Option<&str>) -> Self {
         crate::privileged::require_root();
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://127.0.0.1:{API_PORT}");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(state_dir.with_extension("log"))
+            .open(s.state_dir.with_extension("log"))
             .expect("open daemon log");
-        let mut cmd = Command::new(crate::privileged::tollgate_bin());
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", s.lab.host_ns))
+            .arg("--")
+            .arg(crate::privileged::tollgate_bin())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{API_PORT}"),
+                "--state-dir",
+            ])
+            .arg(&s.state_dir)
+            .arg("--config")
+            .arg(&s.config)
+            .env("TOLLGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         match key {
             Some(k) => cmd.env("TOLLGATE_API_KEY", k),
             None => cmd.env_remove("TOLLGATE_API_KEY"),
         };
-        let child = cmd
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--state-dir",
-            ])
-            .arg(&state_dir)
-            .arg("--config")
-            .arg(&config)
-            .env("TOLLGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn tollgate serve");
+        let child = cmd.spawn().expect("spawn tollgate serve");
         let mut d = Self {
             child: Some(child),
             url,
-            state_dir,
-            config,
+            state_dir: s.state_dir,
+            config: s.config,
+            lab: s.lab,
             contract: None,
             keep_state: false,
         };
@@ -152,6 +180,18 @@ impl Daemon {
         std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default()
     }
 
+    /// `tollgate` CLI command run in the daemon's namespace, with
+    /// `TOLLGATE_API_URL` and `TOLLGATE_API_KEY` set for it.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.lab.host_ns))
+            .arg("--")
+            .arg(crate::privileged::tollgate_bin())
+            .env("TOLLGATE_API_URL", &self.url)
+            .env("TOLLGATE_API_KEY", KEY_DEFAULT);
+        cmd
+    }
+
     /// Sends a request with `key` (None: no credentials).
     pub fn call_raw(
         &self,
@@ -160,39 +200,42 @@ impl Daemon {
         key: Option<&str>,
         body: Option<&Value>,
     ) -> anyhow::Result<Answer> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let url = self.url.clone();
-        let (status, body) = rt.block_on(async move {
-            match key {
-                Some(k) => tollgate::client::call(&url, k, method, path, body).await,
-                None => call_with_header(&url, method, path, None).await,
-            }
-        })?;
-        Ok(Answer { status, body })
+        let header = key.map(|k| ("authorization".to_string(), format!("Bearer {k}")));
+        self.send(method, path, header, body.cloned())
     }
 
-    /// Sends a bodiless request with one extra header (credentials in a form
-    /// the default client does not use).
+    /// Sends a request with one header of the caller's choosing (credentials
+    /// in a form the default client does not use).
     pub fn call_header(&self, method: Method, path: &str, name: &str, value: &str) -> Answer {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let (status, body) = rt
-            .block_on(call_with_header(
-                &self.url,
-                method,
-                path,
-                Some((name, value)),
-            ))
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
-        Answer { status, body }
+        self.send(
+            method,
+            path,
+            Some((name.to_string(), value.to_string())),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
-    /// Sends a request as the default organization and checks the answer
-    /// against the OpenAPI document for `template` (the path as documented).
+    fn send(
+        &self,
+        method: Method,
+        path: &str,
+        header: Option<(String, String)>,
+        body: Option<Value>,
+    ) -> anyhow::Result<Answer> {
+        let url = self.url.clone();
+        let path = path.to_string();
+        in_netns(&self.lab.host_ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (status, body) = rt.block_on(request(&url, method, &path, header, body))?;
+            Ok(Answer { status, body })
+        })
+    }
+
+    /// Sends a request as `key` and checks the answer against the OpenAPI
+    /// document for `template` (the path as documented).
     pub fn call(
         &mut self,
         method: Method,
@@ -218,21 +261,29 @@ impl Daemon {
     }
 
     /// Stops the daemon with SIGTERM (sandboxes keep running) and keeps the
-    /// state dir, for a restart with [`Daemon::start_on`].
-    pub fn stop_keep_state(mut self) -> (PathBuf, PathBuf) {
+    /// state dir and lab, for [`Daemon::restart`].
+    pub fn stop_keep_state(mut self) -> Stopped {
         self.keep_state = true;
         self.terminate();
-        (self.state_dir.clone(), self.config.clone())
+        Stopped {
+            state_dir: self.state_dir.clone(),
+            config: self.config.clone(),
+            lab: self.lab.clone(),
+        }
     }
 
     /// Kills the daemon with SIGKILL (no chance to clean up).
-    pub fn kill_keep_state(mut self) -> (PathBuf, PathBuf) {
+    pub fn kill_keep_state(mut self) -> Stopped {
         self.keep_state = true;
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        (self.state_dir.clone(), self.config.clone())
+        Stopped {
+            state_dir: self.state_dir.clone(),
+            config: self.config.clone(),
+            lab: self.lab.clone(),
+        }
     }
 
     fn terminate(&mut self) {
@@ -304,13 +355,14 @@ pub fn remove_state(state: &Path) {
     let _ = std::fs::remove_file(state.with_extension("log"));
 }
 
-async fn call_with_header(
+async fn request(
     base: &str,
     method: Method,
     path: &str,
-    header: Option<(&str, &str)>,
+    header: Option<(String, String)>,
+    body: Option<Value>,
 ) -> anyhow::Result<(StatusCode, Value)> {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;
     let uri: http::Uri = format!("{base}{path}").parse()?;
     let host = uri.host().unwrap_or("127.0.0.1").to_string();
@@ -320,15 +372,19 @@ async fn call_with_header(
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    let payload = match &body {
+        Some(v) => bytes::Bytes::from(serde_json::to_vec(v)?),
+        None => bytes::Bytes::new(),
+    };
     let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, format!("{host}:{port}"));
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::CONTENT_TYPE, "application/json");
     if let Some((name, value)) = header {
         req = req.header(name, value);
     }
-    let req = req.body(Empty::<bytes::Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
+    let resp = sender.send_request(req.body(Full::new(payload))?).await?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     let v = if bytes.is_empty() {

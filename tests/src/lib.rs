@@ -2,5 +2,6 @@
 //! OpenAPI checks of every answer, and the root / namespace helpers.
 
 pub mod daemon;
+pub mod lab;
 pub mod openapi;
 pub mod privileged;

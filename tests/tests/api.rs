@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
-use tollgate_tests::daemon::{
-    default_config, fresh_state, remove_state, Daemon, KEY_DEFAULT, KEY_OTHER,
-};
+use tollgate_tests::daemon::{default_config, remove_state, Daemon, KEY_DEFAULT, KEY_OTHER};
 
 /// One daemon at a time per test binary: they share the host's namespace table.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -623,8 +621,9 @@ fn timeout_deletes_or_pauses() {
 #[test]
 fn generated_key_is_printed_kept_0600_and_reused_after_restart() {
     let _g = serial();
-    let (state, cfg) = fresh_state("genkey", &default_config("10.210.96.0/20"));
-    let d = Daemon::start_on_without_key(state.clone(), cfg);
+    let prepared = Daemon::prepare("genkey", &default_config("10.210.96.0/20"));
+    let state = prepared.state_dir.clone();
+    let d = Daemon::restart_without_key(prepared);
     let kept = std::fs::read_to_string(state.join("api-key")).expect("key kept in the state dir");
     let key = kept.trim().to_string();
     assert!(key.len() >= 16, "weak generated key {key:?}");
@@ -658,12 +657,12 @@ fn generated_key_is_printed_kept_0600_and_reused_after_restart() {
         StatusCode::UNAUTHORIZED,
         "the env key must not apply when unset"
     );
-    let (state, cfg) = d.stop_keep_state();
+    let stopped = d.stop_keep_state();
     let printed_before = std::fs::read_to_string(state.with_extension("log"))
         .unwrap_or_default()
         .matches("TOLLGATE_API_KEY=")
         .count();
-    let d = Daemon::start_on_without_key(state.clone(), cfg);
+    let d = Daemon::restart_without_key(stopped);
     let a = d.call_header(
         Method::GET,
         "/v1/sandboxes",

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode};
 use serde_json::json;
 use tollgate_tests::daemon::{default_config, Daemon, KEY_DEFAULT};
+use tollgate_tests::lab::Lab;
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -18,13 +19,12 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// `tollgate exec` through the CLI, as a user would run it.
 fn cli_exec(d: &Daemon, id: &str, argv: &[&str]) -> (i32, String, String) {
-    let out = Command::new(tollgate_tests::privileged::tollgate_bin())
+    let out = d
+        .cli()
         .arg("exec")
         .arg(id)
         .arg("--")
         .args(argv)
-        .env("TOLLGATE_API_URL", &d.url)
-        .env("TOLLGATE_API_KEY", KEY_DEFAULT)
         .output()
         .expect("run tollgate exec");
     (
@@ -34,14 +34,17 @@ fn cli_exec(d: &Daemon, id: &str, argv: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn links() -> BTreeSet<String> {
-    std::fs::read_dir("/sys/class/net")
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+/// Interfaces of the namespace the daemon runs in (the lab's host).
+fn links(lab: &Lab) -> BTreeSet<String> {
+    let out = Command::new("ip")
+        .args(["-n", &lab.host_ns, "-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .collect()
 }
 
 /// PIDs of processes running as `uid`.
@@ -98,8 +101,8 @@ fn snapshot_and_resume(d: &mut Daemon) -> String {
 #[test]
 fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
     let _g = serial();
-    let before_links = links();
     let mut d = Daemon::start("netns", &default_config("10.211.0.0/20"));
+    let before_links = links(&d.lab);
     let id = snapshot_and_resume(&mut d);
     let ns_file = format!("/run/netns/tollgate-{id}");
     assert!(
@@ -138,7 +141,7 @@ fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
     assert_eq!(out.trim(), "", "state dir visible inside the sandbox");
     let (code, _, _) = cli_exec(&d, &id, &["sh", "-c", "exit 7"]);
     assert_eq!(code, 7, "exit code not propagated");
-    let new_links: Vec<String> = links().difference(&before_links).cloned().collect();
+    let new_links: Vec<String> = links(&d.lab).difference(&before_links).cloned().collect();
     assert_eq!(
         new_links.len(),
         1,
@@ -161,7 +164,7 @@ fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
         !std::path::Path::new(&ns_file).exists(),
         "namespace left behind"
     );
-    assert_eq!(links(), before_links, "link left behind");
+    assert_eq!(links(&d.lab), before_links, "link left behind");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !pids_of_uid(200_000).is_empty() {
         assert!(
@@ -179,13 +182,13 @@ fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
 #[test]
 fn restart_keeps_every_object_and_reports_lost_sandboxes() {
     let _g = serial();
-    let before_links = links();
     let mut d = Daemon::start("restart", &default_config("10.211.16.0/20"));
+    let before_links = links(&d.lab);
     let id = snapshot_and_resume(&mut d);
 
     // Graceful stop, then a SIGKILL: both times the sandbox is re-adopted.
-    let (state, cfg) = d.stop_keep_state();
-    let mut d = Daemon::start_on(state, cfg);
+    let stopped = d.stop_keep_state();
+    let mut d = Daemon::restart(stopped);
     let g = d.call(
         Method::GET,
         &format!("/v1/sandbox/{id}/"),
@@ -201,8 +204,8 @@ fn restart_keeps_every_object_and_reports_lost_sandboxes() {
     );
     let (code, out, _) = cli_exec(&d, &id, &["echo", "still here"]);
     assert_eq!((code, out.trim()), (0, "still here"));
-    let (state, cfg) = d.kill_keep_state();
-    let mut d = Daemon::start_on(state, cfg);
+    let stopped = d.kill_keep_state();
+    let mut d = Daemon::restart(stopped);
     let snaps = d.call(
         Method::GET,
         "/v1/snapshots",
@@ -223,7 +226,7 @@ fn restart_keeps_every_object_and_reports_lost_sandboxes() {
 
     // While the daemon is down the sandbox dies: it is reported, not forgotten,
     // and its namespace and link are released.
-    let (state, cfg) = d.stop_keep_state();
+    let stopped = d.stop_keep_state();
     for pid in pids_of_uid(200_000) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -231,7 +234,7 @@ fn restart_keeps_every_object_and_reports_lost_sandboxes() {
         );
     }
     std::thread::sleep(Duration::from_millis(300));
-    let mut d = Daemon::start_on(state, cfg);
+    let mut d = Daemon::restart(stopped);
     let g = d.call(
         Method::GET,
         &format!("/v1/sandbox/{id}/"),
@@ -249,7 +252,11 @@ fn restart_keeps_every_object_and_reports_lost_sandboxes() {
         g.body
     );
     assert!(!std::path::Path::new(&format!("/run/netns/tollgate-{id}")).exists());
-    assert_eq!(links(), before_links, "lost sandbox's link not released");
+    assert_eq!(
+        links(&d.lab),
+        before_links,
+        "lost sandbox's link not released"
+    );
     let del = d.call(
         Method::DELETE,
         &format!("/v1/sandbox/{id}/"),

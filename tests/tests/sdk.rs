@@ -43,8 +43,12 @@ fn official_python_sdk_round_trip() {
     );
     let d = Daemon::start("sdk", &default_config("10.212.0.0/20"));
     let sdk_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk");
-    let mut cmd = Command::new(&py);
-    cmd.arg(sdk_dir.join("roundtrip.py"));
+    // The daemon's API lives in its lab's host namespace.
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", d.lab.host_ns))
+        .arg("--")
+        .arg(&py)
+        .arg(sdk_dir.join("roundtrip.py"));
     if !python_is_at_least_3_12(&py) {
         // leap0 needs Python 3.12's TypedDict; the shim supplies it on 3.11.
         cmd.env("PYTHONPATH", sdk_dir.join("py311"));
