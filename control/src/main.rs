@@ -178,10 +178,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
     let exe = std::env::current_exe().context("cannot find the tollgate binary")?;
+    tollgate::net::host_setup(&tollgate::net::NetPlan::from(&cfg.network))
+        .await
+        .context("host network setup")?;
     let runtime = NetnsRuntime::new(NetnsConfig {
         exe,
         hide_paths: vec![cfg.state_dir.clone()],
-        plan: tollgate::net::AddressPlan::new(cfg.network.pool),
     });
     let listen = cfg.listen;
     let service = Service::open(cfg, orgs, runtime).await?;

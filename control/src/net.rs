@@ -1,47 +1,140 @@
-//! Per-sandbox networks: a named network namespace plus a veth pair, set up
-//! over rtnetlink (no `ip` subprocesses).
+//! Per-sandbox networks: two named network namespaces and two veth pairs per
+//! sandbox, configured over rtnetlink (no `ip` subprocesses), with a router
+//! namespace that filters, NATs and hosts the transparent proxy's listeners.
 //!
-//! Layout for slot `n` of an [`AddressPlan`] (default pool `10.200.0.0/16`):
+//! Sandboxes restored from one snapshot share a guest IP and MAC (a VM's
+//! address lives in its memory snapshot), so every sandbox sees the same
+//! QEMU-user-net-style addresses, and what tells sandboxes apart on the host is
+//! the per-slot uplink behind each sandbox's own router:
 //!
 //! ```text
-//!  root namespace                      namespace /run/netns/tollgate-<id>
-//!  tgh<n>  gateway = base+4n+1/30  ⇄  eth0  guest = base+4n+2/30
-//!                                      lo up, default via gateway
+//!  sandbox namespace  /run/netns/tollgate-<id>
+//!    eth0   10.0.2.15/24, fd00:7467::15/64        (the same in every sandbox)
+//!           default via 10.0.2.2 / fd00:7467::2
+//!      │ veth
+//!  router namespace   /run/netns/tgr-<id>
+//!    tgs0   10.0.2.2/24, fd00:7467::2/64          guest-facing; the eBPF TC ingress attaches here
+//!    up0    pool4 /30 +2, pool6 /64 ::2           default via the host side (+1, ::1)
+//!           forwarding on
+//!           rule fwmark 0x1/0x1 lookup 100; table 100: local 0.0.0.0/0 dev lo, local ::/0 dev lo
+//!           proxy listeners 0.0.0.0:15001 and [::]:15001 (IP_TRANSPARENT, open_listeners)
+//!           nftables `inet tollgate`:
+//!             forward      policy drop; tgs0 → up0 only with mark & 0x2 (set by eBPF for
+//!                          allowed traffic); up0 → tgs0 established/related
+//!             input        from tgs0: mark & 0x1 (steered to the proxy), established/related,
+//!                          tcp/udp 53 to the gateway, ICMP echo, ICMPv6 echo + NDP; drop the rest
+//!             postrouting  masquerade oif up0 (hides the shared guest address)
+//!      │ veth
+//!  root namespace
+//!    tgh<slot>  pool4 /30 +1, pool6 /64 ::1       (one link per sandbox in the root namespace)
+//!    host_setup, once: ip forwarding (v4, v6), nftables `inet tollgate_host`:
+//!      forward      pools out through tgh* accepted, tgh* ⇄ tgh* dropped, nothing new
+//!                   into tgh* from elsewhere
+//!      postrouting  masquerade the pools leaving through a non-tgh* interface
 //! ```
 //!
-//! Netlink sockets are bound to the network namespace of the thread that
-//! created them, so everything done *inside* a sandbox namespace goes through
-//! a socket opened by a short-lived dedicated OS thread that first `setns`'d
-//! into it; no tokio worker ever changes namespace.
+//! Slot `n` of a [`NetPlan`] owns the /30 at `pool4 + 4n` (default pool
+//! `10.200.0.0/16`: 16,384 slots) and the /64 number `n` of `pool6` (default
+//! `fd00:7467:1::/48`).
 //!
-//! [`setup`] and [`teardown`] are idempotent. A failed [`setup`] releases what
-//! that call created (namespace, link) before returning the error.
+//! Egress of an allowed guest packet: eth0 → tgs0 (eBPF marks 0x2) → forward →
+//! masquerade to up0's address → `tgh<slot>` → the host forwards and
+//! masquerades again out of its uplink. A TCP connection the eBPF steers to
+//! the proxy is `bpf_sk_assign`ed to a listener and marked 0x1; the fwmark
+//! rule routes it to the local table, so it is delivered locally with its
+//! original destination (`getsockname()` of the accepted socket). Without
+//! eBPF nothing from the guest is forwarded: the forward chain fails closed.
+//!
+//! Namespace work runs on short-lived dedicated OS threads that `setns`'d
+//! (see `ns`): netlink sockets, sysctl writes, listener sockets and the one
+//! subprocess (`nft -f -`, see `nft`) are all created from such a thread and
+//! so belong to the right namespace; no tokio worker ever changes namespace.
+//!
+//! [`setup`] and [`teardown`] are idempotent. A failed (or cancelled)
+//! [`setup`] releases what that call created. [`teardown`] never deletes a
+//! link it cannot prove is this sandbox's: the host link is removed only while
+//! it is the peer of this sandbox router's `up0`; everything else lives in
+//! namespaces named after the sandbox.
 
-use std::fs;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
 
-use futures::TryStreamExt;
-use ipnet::Ipv4Net;
-use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkInfo};
-use nix::errno::Errno;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{setns, unshare, CloneFlags};
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{NetworkInfo, RuntimeError};
+use crate::config::NetworkConfig;
+use crate::runtime::RuntimeError;
 
-/// Directory holding named network namespaces (same as iproute2).
-pub const NETNS_DIR: &str = "/run/netns";
-/// Name of the sandbox-side interface inside its namespace.
+mod nft;
+mod nl;
+mod ns;
+#[cfg(test)]
+mod tests;
+
+use nl::Nl;
+pub use ns::{create_netns, delete_netns, netns_exists, netns_path, NETNS_DIR};
+
+/// Prefix of a sandbox's namespace name: `tollgate-<id>`.
+pub const SANDBOX_NETNS_PREFIX: &str = "tollgate-";
+/// Prefix of a sandbox router's namespace name: `tgr-<id>`.
+pub const ROUTER_NETNS_PREFIX: &str = "tgr-";
+/// The sandbox's interface (inside the sandbox namespace).
 pub const GUEST_IF: &str = "eth0";
-/// Prefix length of every sandbox link network.
-pub const LINK_PREFIX_LEN: u8 = 30;
-/// Default address pool.
-pub const DEFAULT_POOL: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 200, 0, 0), 16);
+/// The router's guest-facing interface; the eBPF TC ingress attaches here.
+pub const GATEWAY_IF: &str = "tgs0";
+/// The router's uplink towards the root namespace.
+pub const UPLINK_IF: &str = "up0";
+/// Prefix of the host-side interface of a slot: `tgh<slot>`.
+pub const HOST_IF_PREFIX: &str = "tgh";
+
+/// The guest's IPv4 address (the same in every sandbox).
+pub const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The guest's IPv4 gateway (the router's `tgs0`).
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// Prefix length of the guest's IPv4 network.
+pub const GUEST_PREFIX_V4: u8 = 24;
+/// The guest's IPv6 address (the same in every sandbox).
+pub const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7467, 0, 0, 0, 0, 0, 0x15);
+/// The guest's IPv6 gateway (the router's `tgs0`).
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7467, 0, 0, 0, 0, 0, 0x2);
+/// Prefix length of the guest's IPv6 network.
+pub const GUEST_PREFIX_V6: u8 = 64;
+
+/// Prefix length of every IPv4 uplink (router ⇄ host).
+pub const UPLINK_PREFIX_V4: u8 = 30;
+/// Prefix length of every IPv6 uplink (router ⇄ host).
+pub const UPLINK_PREFIX_V6: u8 = 64;
+/// Default IPv4 pool of the uplinks.
+pub const DEFAULT_POOL4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 200, 0, 0), 16);
+/// Default IPv6 pool of the uplinks.
+pub const DEFAULT_POOL6: Ipv6Net =
+    Ipv6Net::new_assert(Ipv6Addr::new(0xfd00, 0x7467, 1, 0, 0, 0, 0, 0), 48);
+
+/// Port of the proxy listeners in the router namespace.
+pub const LISTENER_PORT: u16 = 15001;
+/// Listen backlog of the proxy listeners.
+pub const LISTENER_BACKLOG: i32 = 1024;
+/// Packet mark (and mask) of traffic steered to the proxy: routed to the local
+/// table [`STEER_TABLE`].
+pub const STEER_MARK: u32 = 0x1;
+/// Packet mark (and mask) the eBPF program sets on traffic it allows to be
+/// forwarded.
+pub const ALLOW_MARK: u32 = 0x2;
+/// Routing table holding `local 0.0.0.0/0` and `local ::/0` in the router.
+pub const STEER_TABLE: u32 = 100;
+/// Priority of the fwmark policy rule in the router.
+pub const STEER_RULE_PRIORITY: u32 = 100;
+/// nftables table (family `inet`) of each router namespace.
+pub const ROUTER_TABLE: &str = "tollgate";
+/// nftables table (family `inet`) of the host, shared by all sandboxes.
+pub const HOST_TABLE: &str = "tollgate_host";
+
+/// Sysctls of every router namespace (relative to `/proc/sys`).
+const ROUTER_SYSCTLS: &[(&str, &str)] = &[
+    ("net/ipv4/ip_forward", "1"),
+    ("net/ipv6/conf/all/forwarding", "1"),
+];
 
 /// Errors of network setup and teardown.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +156,12 @@ pub enum NetError {
     /// A netlink request failed.
     #[error("netlink: {0}")]
     Netlink(String),
+    /// Writing a sysctl failed.
+    #[error("sysctl: {0}")]
+    Sysctl(String),
+    /// Loading an nftables ruleset failed.
+    #[error("nftables: {0}")]
+    Nft(String),
     /// Something else already uses a name this sandbox needs.
     #[error("conflict: {0}")]
     Conflict(String),
@@ -74,551 +173,608 @@ impl From<NetError> for RuntimeError {
     }
 }
 
-/// Maps sandbox slots to /30 link networks inside a pool.
+/// Maps sandbox slots to uplink networks: a /30 of `pool4` and a /64 of
+/// `pool6` per slot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AddressPlan {
-    /// The pool every link network is carved from (prefix length ≤ 30).
-    pub pool: Ipv4Net,
+pub struct NetPlan {
+    /// IPv4 pool (prefix length ≤ 30).
+    pub pool4: Ipv4Net,
+    /// IPv6 pool (prefix length ≤ 64).
+    pub pool6: Ipv6Net,
 }
 
-impl Default for AddressPlan {
+impl Default for NetPlan {
     fn default() -> Self {
-        Self { pool: DEFAULT_POOL }
-    }
-}
-
-/// Addresses of one sandbox link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkAddrs {
-    /// The /30 link network.
-    pub network: Ipv4Net,
-    /// Host-side address (the sandbox's default gateway).
-    pub gateway: Ipv4Addr,
-    /// The sandbox's address.
-    pub guest: Ipv4Addr,
-    /// Prefix length of `network` (always [`LINK_PREFIX_LEN`]).
-    pub prefix_len: u8,
-}
-
-impl AddressPlan {
-    /// A plan over `pool`. A pool smaller than a /30 has no slots
-    /// ([`Self::capacity`] is 0, [`Self::link`] fails).
-    pub fn new(pool: Ipv4Net) -> Self {
-        Self { pool }
-    }
-
-    /// Number of slots (/30 networks) in the pool: 16384 for a /16.
-    pub fn capacity(&self) -> u32 {
-        match LINK_PREFIX_LEN.checked_sub(self.pool.prefix_len()) {
-            Some(bits) => 1u32 << bits,
-            None => 0,
+        Self {
+            pool4: DEFAULT_POOL4,
+            pool6: DEFAULT_POOL6,
         }
     }
+}
 
-    /// The link network of `slot`: base + 4·slot, gateway +1, guest +2.
-    pub fn link(&self, slot: u32) -> Result<LinkAddrs, NetError> {
+impl From<&NetworkConfig> for NetPlan {
+    /// `network.pool` and the default IPv6 pool (not configurable yet).
+    fn from(cfg: &NetworkConfig) -> Self {
+        Self::new(cfg.pool, DEFAULT_POOL6)
+    }
+}
+
+/// The uplink networks of one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Uplink {
+    /// The /30.
+    pub net4: Ipv4Net,
+    /// Host side (`tgh<slot>`): first address of the /30.
+    pub host_v4: Ipv4Addr,
+    /// Router side (`up0`): second address of the /30.
+    pub router_v4: Ipv4Addr,
+    /// The /64.
+    pub net6: Ipv6Net,
+    /// Host side: `::1` of the /64.
+    pub host_v6: Ipv6Addr,
+    /// Router side: `::2` of the /64.
+    pub router_v6: Ipv6Addr,
+}
+
+impl NetPlan {
+    /// A plan over these pools. A pool too small for one uplink has no slots
+    /// ([`Self::capacity`] is 0, [`Self::uplink`] fails).
+    pub fn new(pool4: Ipv4Net, pool6: Ipv6Net) -> Self {
+        Self { pool4, pool6 }
+    }
+
+    /// Number of slots: the smaller of the pools' uplink counts (16,384 for the
+    /// defaults, bounded by the /16).
+    pub fn capacity(&self) -> u32 {
+        let v4 = match UPLINK_PREFIX_V4.checked_sub(self.pool4.prefix_len()) {
+            Some(bits) => 1u64 << bits,
+            None => 0,
+        };
+        let v6 = match UPLINK_PREFIX_V6.checked_sub(self.pool6.prefix_len()) {
+            Some(bits) if bits >= 32 => u64::from(u32::MAX),
+            Some(bits) => 1u64 << bits,
+            None => 0,
+        };
+        u32::try_from(v4.min(v6)).unwrap_or(u32::MAX)
+    }
+
+    /// The uplink of `slot`: `pool4 + 4·slot` (+1 host, +2 router) and the
+    /// `slot`-th /64 of `pool6` (::1 host, ::2 router).
+    pub fn uplink(&self, slot: u32) -> Result<Uplink, NetError> {
         if slot >= self.capacity() {
             return Err(NetError::Plan(format!(
-                "slot {slot} is outside the pool {} (capacity {})",
-                self.pool,
+                "slot {slot} is outside the pools {} / {} (capacity {})",
+                self.pool4,
+                self.pool6,
                 self.capacity()
             )));
         }
-        // slot < capacity ≤ 2^30, so 4·slot fits and stays inside the pool.
-        let base = u32::from(self.pool.network()) + 4 * slot;
-        let network = Ipv4Net::new(Ipv4Addr::from(base), LINK_PREFIX_LEN)
+        // slot < capacity ≤ 2^30 (v4) and ≤ 2^(64 - pool6 prefix) (v6): no overflow.
+        let base4 = u32::from(self.pool4.network()) + 4 * slot;
+        let net4 = Ipv4Net::new(Ipv4Addr::from(base4), UPLINK_PREFIX_V4)
             .map_err(|e| NetError::Plan(e.to_string()))?;
-        Ok(LinkAddrs {
-            network,
-            gateway: Ipv4Addr::from(base + 1),
-            guest: Ipv4Addr::from(base + 2),
-            prefix_len: LINK_PREFIX_LEN,
+        let base6 = u128::from(self.pool6.network()) + (u128::from(slot) << 64);
+        let net6 = Ipv6Net::new(Ipv6Addr::from(base6), UPLINK_PREFIX_V6)
+            .map_err(|e| NetError::Plan(e.to_string()))?;
+        Ok(Uplink {
+            net4,
+            host_v4: Ipv4Addr::from(base4 + 1),
+            router_v4: Ipv4Addr::from(base4 + 2),
+            net6,
+            host_v6: Ipv6Addr::from(base6 + 1),
+            router_v6: Ipv6Addr::from(base6 + 2),
         })
     }
+}
+
+/// A sandbox's network (persisted with the sandbox): names and addresses of
+/// both namespaces and all four interfaces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    /// The sandbox's network namespace (under `/run/netns`): `tollgate-<id>`.
+    pub netns: String,
+    /// The router's network namespace: `tgr-<id>`.
+    pub router_netns: String,
+    /// Slot of the address plan.
+    pub slot: u32,
+    /// The sandbox's interface (`eth0`, sandbox namespace).
+    pub guest_if: String,
+    /// The router's guest-facing interface (`tgs0`, router namespace).
+    pub gateway_if: String,
+    /// The router's uplink (`up0`, router namespace).
+    pub uplink_if: String,
+    /// The host side of the uplink (`tgh<slot>`, root namespace).
+    pub host_if: String,
+    /// The guest's IPv4 address.
+    pub guest_v4: Ipv4Addr,
+    /// The guest's IPv6 address.
+    pub guest_v6: Ipv6Addr,
+    /// The guest's IPv4 gateway (`tgs0`).
+    pub gateway_v4: Ipv4Addr,
+    /// The guest's IPv6 gateway (`tgs0`).
+    pub gateway_v6: Ipv6Addr,
+    /// Prefix length of the guest's IPv4 network.
+    pub guest_prefix_v4: u8,
+    /// Prefix length of the guest's IPv6 network.
+    pub guest_prefix_v6: u8,
+    /// IPv4 address of `tgh<slot>` (the router's default gateway).
+    pub uplink_host_v4: Ipv4Addr,
+    /// IPv4 address of `up0` (what the guest's traffic is NATed to).
+    pub uplink_router_v4: Ipv4Addr,
+    /// Prefix length of the IPv4 uplink.
+    pub uplink_prefix_v4: u8,
+    /// IPv6 address of `tgh<slot>`.
+    pub uplink_host_v6: Ipv6Addr,
+    /// IPv6 address of `up0`.
+    pub uplink_router_v6: Ipv6Addr,
+    /// Prefix length of the IPv6 uplink.
+    pub uplink_prefix_v6: u8,
+    /// Port of the proxy listeners in the router namespace.
+    pub listener_port: u16,
 }
 
 /// Network namespace name of a sandbox: `tollgate-<sandbox id>`.
 pub fn netns_name(sandbox_id: &str) -> String {
-    format!("tollgate-{sandbox_id}")
+    format!("{SANDBOX_NETNS_PREFIX}{sandbox_id}")
+}
+
+/// Network namespace name of a sandbox's router: `tgr-<sandbox id>`.
+pub fn router_netns_name(sandbox_id: &str) -> String {
+    format!("{ROUTER_NETNS_PREFIX}{sandbox_id}")
 }
 
 /// Host-side interface name of a slot: `tgh<slot>`.
 pub fn host_if_name(slot: u32) -> String {
-    format!("tgh{slot}")
+    format!("{HOST_IF_PREFIX}{slot}")
 }
 
-/// Path of a named network namespace: `/run/netns/<name>`.
-pub fn netns_path(name: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(name)
+/// The network sandbox `id` gets on `slot` (what [`setup`] returns), computed
+/// without touching the system: lets a caller that lost the [`NetworkInfo`]
+/// still [`teardown`] it.
+pub fn info_for(plan: &NetPlan, sandbox_id: &str, slot: u32) -> Result<NetworkInfo, NetError> {
+    let netns = netns_name(sandbox_id);
+    let router_netns = router_netns_name(sandbox_id);
+    ns::validate_netns_name(&netns)?;
+    ns::validate_netns_name(&router_netns)?;
+    let up = plan.uplink(slot)?;
+    Ok(NetworkInfo {
+        netns,
+        router_netns,
+        slot,
+        guest_if: GUEST_IF.to_owned(),
+        gateway_if: GATEWAY_IF.to_owned(),
+        uplink_if: UPLINK_IF.to_owned(),
+        host_if: host_if_name(slot),
+        guest_v4: GUEST_V4,
+        guest_v6: GUEST_V6,
+        gateway_v4: GATEWAY_V4,
+        gateway_v6: GATEWAY_V6,
+        guest_prefix_v4: GUEST_PREFIX_V4,
+        guest_prefix_v6: GUEST_PREFIX_V6,
+        uplink_host_v4: up.host_v4,
+        uplink_router_v4: up.router_v4,
+        uplink_prefix_v4: UPLINK_PREFIX_V4,
+        uplink_host_v6: up.host_v6,
+        uplink_router_v6: up.router_v6,
+        uplink_prefix_v6: UPLINK_PREFIX_V6,
+        listener_port: LISTENER_PORT,
+    })
 }
 
-fn validate_netns_name(name: &str) -> Result<(), NetError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(NetError::Name(format!("network namespace name {name:?}")))
-    }
+/// The nftables ruleset [`setup`] loads into a router namespace (for
+/// inspection and documentation; the text is applied as is).
+pub fn router_ruleset(info: &NetworkInfo) -> String {
+    nft::router_ruleset(info)
 }
 
-fn ns_err(name: &str, reason: impl std::fmt::Display) -> NetError {
-    NetError::Netns {
-        name: name.to_owned(),
-        reason: reason.to_string(),
-    }
+/// The nftables ruleset [`host_setup`] loads into the root namespace.
+pub fn host_ruleset(plan: &NetPlan) -> String {
+    nft::host_ruleset(plan)
 }
 
-/// Is `path` a mounted namespace file (nsfs)?
-fn is_nsfs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
-        .unwrap_or(false)
-}
+// ---------------------------------------------------------------------------
+// host_setup
 
-/// Does the named network namespace exist (as a mounted namespace file)?
-pub fn netns_exists(name: &str) -> bool {
-    is_nsfs(&netns_path(name))
-}
-
-/// Makes `/run/netns` exist and be a shared mount point, like `ip netns add`,
-/// so that namespace mounts below it propagate to every mount namespace that
-/// was cloned from ours.
-fn prepare_netns_dir() -> Result<(), NetError> {
-    // Serialised so that two concurrent first setups do not both bind-mount
-    // the directory onto itself.
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _lock = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = Path::new(NETNS_DIR);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(|e| ns_err(NETNS_DIR, format!("create directory: {e}")))?;
-    let mut bound = false;
-    loop {
-        match mount(
-            None::<&str>,
-            dir,
-            Some("none"),
-            MsFlags::MS_SHARED | MsFlags::MS_REC,
-            None::<&str>,
-        ) {
-            Ok(()) => return Ok(()),
-            // Not a mount point yet: bind it onto itself, then retry.
-            Err(Errno::EINVAL) if !bound => {
-                mount(
-                    Some(dir),
-                    dir,
-                    Some("none"),
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None::<&str>,
-                )
-                .map_err(|e| ns_err(NETNS_DIR, format!("bind mount onto itself: {e}")))?;
-                bound = true;
-            }
-            Err(e) => return Err(ns_err(NETNS_DIR, format!("make shared: {e}"))),
+/// Host-wide preparation, once at daemon start (idempotent): IPv4 and IPv6
+/// forwarding on, and the `inet tollgate_host` table (forwarding and
+/// masquerading for the pools), replacing an earlier version of it.
+///
+/// Turning IPv6 forwarding on makes Linux ignore router advertisements on
+/// interfaces with `accept_ra = 1`; those are moved to `accept_ra = 2` first so
+/// that a host configured by RAs keeps its IPv6 routes.
+pub async fn host_setup(plan: &NetPlan) -> Result<(), NetError> {
+    ns::on_dedicated_thread("host sysctls", || {
+        if ns::read_sysctl("net/ipv6/conf/all/forwarding").as_deref() != Some("1") {
+            keep_accepting_router_advertisements()?;
         }
-    }
+        ns::write_sysctls(&[
+            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv6/conf/all/forwarding", "1"),
+        ])
+    })
+    .await?;
+    nft::apply(None, nft::host_ruleset(plan)).await
 }
 
-/// Creates the namespace on this (dedicated, about to exit) thread and binds
-/// it to `path`.
-fn create_netns_blocking(name: &str) -> Result<bool, NetError> {
-    validate_netns_name(name)?;
-    prepare_netns_dir()?;
-    let path = netns_path(name);
-    if is_nsfs(&path) {
-        return Ok(false);
-    }
-    let created_file = match fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o000)
-        .open(&path)
-    {
-        Ok(_) => true,
-        // A leftover plain file (e.g. a crash between create and mount): reuse it.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-        Err(e) => return Err(ns_err(name, format!("create {}: {e}", path.display()))),
+fn keep_accepting_router_advertisements() -> Result<(), NetError> {
+    let Ok(dir) = std::fs::read_dir("/proc/sys/net/ipv6/conf") else {
+        return Ok(());
     };
-    let result = unshare(CloneFlags::CLONE_NEWNET)
-        .map_err(|e| ns_err(name, format!("unshare(CLONE_NEWNET): {e}")))
-        .and_then(|()| {
-            mount(
-                Some("/proc/thread-self/ns/net"),
-                &path,
-                Some("none"),
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| ns_err(name, format!("bind mount to {}: {e}", path.display())))
-        });
-    if let Err(e) = result {
-        if created_file {
-            let _ = fs::remove_file(&path);
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if matches!(name.as_str(), "all" | "default" | "lo") || name.starts_with(HOST_IF_PREFIX) {
+            continue;
         }
-        return Err(e);
-    }
-    Ok(true)
-}
-
-/// Runs `f` on a fresh OS thread (which may change its namespaces freely and
-/// then exits) without blocking the async caller.
-async fn on_dedicated_thread<T, F>(what: &str, f: F) -> Result<T, NetError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, NetError> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("tollgate-netns".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .map_err(|e| NetError::Netlink(format!("{what}: spawn thread: {e}")))?;
-    rx.await
-        .map_err(|_| NetError::Netlink(format!("{what}: worker thread died")))?
-}
-
-/// Creates the named network namespace `/run/netns/<name>` (like
-/// `ip netns add`). Returns whether it was created (`false`: already there).
-pub async fn create_netns(name: &str) -> Result<bool, NetError> {
-    let name = name.to_owned();
-    on_dedicated_thread("create namespace", move || create_netns_blocking(&name)).await
-}
-
-/// Deletes the named network namespace (like `ip netns delete`): lazy unmount
-/// and unlink. Idempotent.
-pub fn delete_netns(name: &str) -> Result<(), NetError> {
-    validate_netns_name(name)?;
-    let path = netns_path(name);
-    match umount2(&path, MntFlags::MNT_DETACH) {
-        // EINVAL: not a mount point; ENOENT: already gone.
-        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
-        Err(e) => return Err(ns_err(name, format!("unmount: {e}"))),
-    }
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ns_err(name, format!("remove {}: {e}", path.display()))),
-    }
-}
-
-/// An rtnetlink connection whose driver task is aborted on drop.
-struct Nl {
-    handle: rtnetlink::Handle,
-    driver: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Nl {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
-}
-
-fn nl_err(what: &str, e: impl std::fmt::Display) -> NetError {
-    NetError::Netlink(format!("{what}: {e}"))
-}
-
-fn errno_of(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-        _ => None,
-    }
-}
-
-impl Nl {
-    /// A connection in the caller's network namespace.
-    fn current() -> Result<Self, NetError> {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| nl_err("open netlink socket", e))?;
-        let driver = tokio::spawn(conn);
-        Ok(Self { handle, driver })
-    }
-
-    /// A connection bound to the namespace at `path`: the socket is opened by
-    /// a dedicated thread that joined the namespace first.
-    async fn in_netns(path: PathBuf) -> Result<Self, NetError> {
-        let rt =
-            tokio::runtime::Handle::try_current().map_err(|e| nl_err("netlink in namespace", e))?;
-        let (conn, handle) = on_dedicated_thread("netlink in namespace", move || {
-            let file = fs::File::open(&path)
-                .map_err(|e| nl_err(&format!("open {}", path.display()), e))?;
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| nl_err(&format!("setns {}", path.display()), e))?;
-            // The socket is registered with the caller's runtime, but created
-            // (and therefore bound) here, inside the namespace.
-            let _guard = rt.enter();
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(|e| nl_err("open netlink socket", e))?;
-            Ok((conn, handle))
-        })
-        .await?;
-        let driver = tokio::spawn(conn);
-        Ok(Self { handle, driver })
-    }
-
-    /// Index and IFLA_LINK of the link named `name`, if it exists.
-    async fn link(&self, name: &str) -> Result<Option<(u32, Option<u32>)>, NetError> {
-        let mut req = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
-        match req.try_next().await {
-            Ok(Some(msg)) => {
-                let peer = msg.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Link(i) => Some(*i),
-                    _ => None,
-                });
-                Ok(Some((msg.header.index, peer)))
-            }
-            Ok(None) => Ok(None),
-            Err(e) if errno_of(&e) == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(nl_err(&format!("get link {name}"), e)),
+        let key = format!("net/ipv6/conf/{name}/accept_ra");
+        if ns::read_sysctl(&key).as_deref() == Some("1") {
+            ns::write_sysctls(&[(key.as_str(), "2")])?;
+            tracing::info!(interface = %name, "accept_ra 1 -> 2 so that IPv6 forwarding keeps router advertisements");
         }
     }
-
-    async fn require_link(&self, name: &str) -> Result<u32, NetError> {
-        self.link(name)
-            .await?
-            .map(|(i, _)| i)
-            .ok_or_else(|| NetError::Netlink(format!("link {name} not found")))
-    }
-
-    async fn set_up(&self, index: u32, name: &str) -> Result<(), NetError> {
-        self.handle
-            .link()
-            .set(index)
-            .up()
-            .execute()
-            .await
-            .map_err(|e| nl_err(&format!("set {name} up"), e))
-    }
-
-    async fn add_addr(&self, index: u32, name: &str, addr: Ipv4Addr) -> Result<(), NetError> {
-        self.handle
-            .address()
-            .add(index, IpAddr::V4(addr), LINK_PREFIX_LEN)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| nl_err(&format!("add {addr}/{LINK_PREFIX_LEN} to {name}"), e))
-    }
-
-    async fn del_link(&self, index: u32, name: &str) -> Result<(), NetError> {
-        let mut links = self.handle.link();
-        match links.del(index).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) if errno_of(&e) == Some(libc::ENODEV) => Ok(()),
-            Err(e) => Err(nl_err(&format!("delete link {name}"), e)),
-        }
-    }
-}
-
-/// Creates `tgh<slot>` in the current namespace with its peer created directly
-/// inside the sandbox namespace under the name `eth0`.
-async fn create_veth(root: &Nl, host_if: &str, netns: &Path) -> Result<(), NetError> {
-    let ns_file =
-        fs::File::open(netns).map_err(|e| nl_err(&format!("open {}", netns.display()), e))?;
-    // `veth(a, b)`: `b` is the link of the main message (here, host side),
-    // `a` is the peer.
-    let mut req = root
-        .handle
-        .link()
-        .add()
-        .veth(GUEST_IF.to_owned(), host_if.to_owned());
-    let mut placed = false;
-    for attr in req.message_mut().attributes.iter_mut() {
-        if let LinkAttribute::LinkInfo(infos) = attr {
-            for info in infos.iter_mut() {
-                if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))) = info {
-                    peer.attributes
-                        .push(LinkAttribute::NetNsFd(ns_file.as_raw_fd()));
-                    placed = true;
-                }
-            }
-        }
-    }
-    if !placed {
-        return Err(NetError::Netlink(
-            "veth request has no peer to place in the namespace".into(),
-        ));
-    }
-    let result = req.execute().await;
-    drop(ns_file);
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if errno_of(&e) == Some(libc::EEXIST) => Err(NetError::Conflict(format!(
-            "cannot create veth {host_if} <-> {GUEST_IF}: a link with one of these names exists"
-        ))),
-        Err(e) => Err(nl_err(&format!("create veth {host_if}"), e)),
-    }
-}
-
-/// Whether `tgh<slot>` (index `host_index`) is the peer of `eth0` in the
-/// namespace at `netns_path`.
-async fn link_belongs_to(host_index: u32, netns_path: &Path) -> Result<bool, NetError> {
-    let ns = Nl::in_netns(netns_path.to_owned()).await?;
-    Ok(matches!(ns.link(GUEST_IF).await?, Some((_, Some(peer))) if peer == host_index))
-}
-
-/// Configures both ends once the pair exists.
-async fn configure(
-    root: &Nl,
-    host_if: &str,
-    path: &Path,
-    addrs: &LinkAddrs,
-) -> Result<(), NetError> {
-    let host = root.require_link(host_if).await?;
-    root.add_addr(host, host_if, addrs.gateway).await?;
-    root.set_up(host, host_if).await?;
-
-    let ns = Nl::in_netns(path.to_owned()).await?;
-    let lo = ns.require_link("lo").await?;
-    ns.set_up(lo, "lo").await?;
-    let eth0 = ns.require_link(GUEST_IF).await?;
-    ns.add_addr(eth0, GUEST_IF, addrs.guest).await?;
-    ns.set_up(eth0, GUEST_IF).await?;
-    ns.handle
-        .route()
-        .add()
-        .v4()
-        .gateway(addrs.gateway)
-        .replace()
-        .execute()
-        .await
-        .map_err(|e| nl_err(&format!("add default route via {}", addrs.gateway), e))?;
     Ok(())
 }
 
-/// Creates (or completes) the network of the sandbox whose namespace is
-/// `netns` on `slot`: namespace, veth pair, addresses, routes.
-///
-/// Idempotent: calling it again for a complete network re-applies the same
-/// configuration. A link `tgh<slot>` that is not the peer of this namespace's
-/// `eth0` is a conflict and is left alone. On any failure, what this call
-/// created (namespace, link) is removed before the error is returned.
-pub async fn setup(plan: &AddressPlan, netns: &str, slot: u32) -> Result<NetworkInfo, NetError> {
-    let addrs = plan.link(slot)?;
-    validate_netns_name(netns)?;
-    let host_if = host_if_name(slot);
-    let path = netns_path(netns);
-    let info = NetworkInfo {
-        netns: netns.to_owned(),
-        host_if: host_if.clone(),
-        guest_if: GUEST_IF.to_owned(),
-        gateway: addrs.gateway,
-        guest_addr: addrs.guest,
-        prefix_len: addrs.prefix_len,
-    };
+// ---------------------------------------------------------------------------
+// setup
 
-    let root = Nl::current()?;
-    let created_ns = create_netns(netns).await?;
-    let mut created_link = false;
-    let result = async {
-        match root.link(&host_if).await? {
-            Some((index, _)) => {
-                if !link_belongs_to(index, &path).await? {
-                    return Err(NetError::Conflict(format!(
-                        "link {host_if} exists and does not belong to namespace {netns}"
-                    )));
-                }
-            }
-            None => {
-                create_veth(&root, &host_if, &path).await?;
-                created_link = true;
-            }
-        }
-        configure(&root, &host_if, &path, &addrs).await
-    }
-    .await;
-
-    if let Err(e) = result {
-        if created_link {
-            if let Ok(Some((index, _))) = root.link(&host_if).await {
-                if let Err(de) = root.del_link(index, &host_if).await {
-                    tracing::warn!(link = %host_if, error = %de, "rollback: delete link failed");
-                }
-            }
-        }
-        if created_ns {
-            if let Err(de) = delete_netns(netns) {
-                tracing::warn!(netns, error = %de, "rollback: delete namespace failed");
-            }
-        }
-        return Err(e);
-    }
-    Ok(info)
+/// What one [`setup`] call created (and a failure must release).
+#[derive(Clone, Copy, Debug, Default)]
+struct Created {
+    sandbox_ns: bool,
+    router_ns: bool,
+    host_link: bool,
+    guest_link: bool,
 }
 
-/// Removes a sandbox network: the host link (which takes the peer with it)
-/// and the namespace. Idempotent.
-///
-/// The host link is deleted only while it is still the peer of the
-/// namespace's `eth0`, so a stale [`NetworkInfo`] never removes the link of a
-/// newer sandbox that reused the slot.
-pub async fn teardown(info: &NetworkInfo) -> Result<(), NetError> {
-    validate_netns_name(&info.netns)?;
-    let path = netns_path(&info.netns);
-    if is_nsfs(&path) {
-        let root = Nl::current()?;
-        if let Some((index, _)) = root.link(&info.host_if).await? {
-            if link_belongs_to(index, &path).await? {
-                root.del_link(index, &info.host_if).await?;
-            } else {
-                tracing::warn!(
-                    link = %info.host_if,
-                    netns = %info.netns,
-                    "teardown: link belongs to another namespace, left in place"
-                );
+/// Releases what a [`setup`] created if it is dropped while armed (the setup
+/// future was cancelled).
+struct SetupGuard {
+    info: NetworkInfo,
+    created: Created,
+    armed: bool,
+}
+
+impl Drop for SetupGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let info = self.info.clone();
+        let created = self.created;
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { rollback(&info, created).await });
+            }
+            Err(_) => {
+                // No runtime for netlink: the namespaces take their links
+                // with them once nothing refers to them.
+                if created.router_ns {
+                    let _ = delete_netns(&info.router_netns);
+                }
+                if created.sandbox_ns {
+                    let _ = delete_netns(&info.netns);
+                }
             }
         }
     }
+}
+
+/// Creates (or completes) the network of sandbox `sandbox_id` on `slot`: both
+/// namespaces, both veth pairs, addresses, routes, the router's sysctls,
+/// fwmark rule, local table and nftables ruleset. See the module
+/// documentation for the layout.
+///
+/// Idempotent: calling it again for a complete network re-applies the same
+/// configuration. A `tgh<slot>` that is not the peer of this sandbox router's
+/// `up0` is a conflict and is left alone. On any failure (or if the returned
+/// future is dropped early), what this call created is removed.
+pub async fn setup(plan: &NetPlan, sandbox_id: &str, slot: u32) -> Result<NetworkInfo, NetError> {
+    let info = info_for(plan, sandbox_id, slot)?;
+    let mut guard = SetupGuard {
+        info: info.clone(),
+        created: Created::default(),
+        armed: true,
+    };
+    let result = build(&info, &mut guard.created).await;
+    guard.armed = false;
+    match result {
+        Ok(()) => Ok(info),
+        Err(e) => {
+            rollback(&info, guard.created).await;
+            Err(e)
+        }
+    }
+}
+
+async fn build(info: &NetworkInfo, created: &mut Created) -> Result<(), NetError> {
+    let sandbox_path = netns_path(&info.netns);
+    let router_path = netns_path(&info.router_netns);
+    created.sandbox_ns = create_netns(&info.netns).await?;
+    created.router_ns = create_netns(&info.router_netns).await?;
+
+    let root = Nl::current()?;
+    let router = Nl::in_netns(&router_path).await?;
+    let sandbox = Nl::in_netns(&sandbox_path).await?;
+
+    // Uplink pair: tgh<slot> (root) ⇄ up0 (router).
+    match root.link(&info.host_if).await? {
+        Some(host) => {
+            let up = router.link(&info.uplink_if).await?;
+            if !matches!(up, Some(up) if up.peer == Some(host.index)) {
+                return Err(NetError::Conflict(format!(
+                    "link {} exists and is not the uplink of {}",
+                    info.host_if, info.router_netns
+                )));
+            }
+        }
+        None => {
+            // A stale up0 in our own router namespace (its host side is gone).
+            if let Some(stale) = router.link(&info.uplink_if).await? {
+                router.del_link(stale.index, &info.uplink_if).await?;
+            }
+            root.create_veth(&info.host_if, &info.uplink_if, &router_path)
+                .await?;
+            created.host_link = true;
+        }
+    }
+
+    // Guest pair: tgs0 (router) ⇄ eth0 (sandbox).
+    let gateway = router.link(&info.gateway_if).await?;
+    let paired = match (gateway, sandbox.link(&info.guest_if).await?) {
+        (Some(gw), Some(guest)) => guest.peer == Some(gw.index),
+        _ => false,
+    };
+    if !paired {
+        if let Some(stale) = gateway {
+            // Everything in the router namespace is this sandbox's.
+            router.del_link(stale.index, &info.gateway_if).await?;
+        }
+        router
+            .create_veth(&info.gateway_if, &info.guest_if, &sandbox_path)
+            .await?;
+        created.guest_link = true;
+    }
+
+    ns::run_in(&router_path, "router sysctls", || {
+        ns::write_sysctls(ROUTER_SYSCTLS)
+    })
+    .await?;
+
+    // Root namespace: the host side of the uplink.
+    let host = root.require(&info.host_if).await?;
+    root.add_addr(
+        host,
+        &info.host_if,
+        IpAddr::V4(info.uplink_host_v4),
+        info.uplink_prefix_v4,
+    )
+    .await?;
+    root.add_addr(
+        host,
+        &info.host_if,
+        IpAddr::V6(info.uplink_host_v6),
+        info.uplink_prefix_v6,
+    )
+    .await?;
+    root.set_up(host, &info.host_if).await?;
+
+    // Router namespace.
+    let lo = router.require("lo").await?;
+    router.set_up(lo, "lo").await?;
+    let up = router.require(&info.uplink_if).await?;
+    router
+        .add_addr(
+            up,
+            &info.uplink_if,
+            IpAddr::V4(info.uplink_router_v4),
+            info.uplink_prefix_v4,
+        )
+        .await?;
+    router
+        .add_addr(
+            up,
+            &info.uplink_if,
+            IpAddr::V6(info.uplink_router_v6),
+            info.uplink_prefix_v6,
+        )
+        .await?;
+    router.set_up(up, &info.uplink_if).await?;
+    let gw = router.require(&info.gateway_if).await?;
+    router
+        .add_addr(
+            gw,
+            &info.gateway_if,
+            IpAddr::V4(info.gateway_v4),
+            info.guest_prefix_v4,
+        )
+        .await?;
+    router
+        .add_addr(
+            gw,
+            &info.gateway_if,
+            IpAddr::V6(info.gateway_v6),
+            info.guest_prefix_v6,
+        )
+        .await?;
+    router.set_up(gw, &info.gateway_if).await?;
+    router
+        .default_route(IpAddr::V4(info.uplink_host_v4))
+        .await?;
+    router
+        .default_route(IpAddr::V6(info.uplink_host_v6))
+        .await?;
+    for v6 in [false, true] {
+        router
+            .fwmark_rule(v6, STEER_MARK, STEER_MARK, STEER_TABLE, STEER_RULE_PRIORITY)
+            .await?;
+        router.local_default_route(v6, lo, STEER_TABLE).await?;
+    }
+
+    // Sandbox namespace.
+    let lo = sandbox.require("lo").await?;
+    sandbox.set_up(lo, "lo").await?;
+    let eth = sandbox.require(&info.guest_if).await?;
+    sandbox
+        .add_addr(
+            eth,
+            &info.guest_if,
+            IpAddr::V4(info.guest_v4),
+            info.guest_prefix_v4,
+        )
+        .await?;
+    sandbox
+        .add_addr(
+            eth,
+            &info.guest_if,
+            IpAddr::V6(info.guest_v6),
+            info.guest_prefix_v6,
+        )
+        .await?;
+    sandbox.set_up(eth, &info.guest_if).await?;
+    sandbox.default_route(IpAddr::V4(info.gateway_v4)).await?;
+    sandbox.default_route(IpAddr::V6(info.gateway_v6)).await?;
+
+    nft::apply(Some(&router_path), nft::router_ruleset(info)).await
+}
+
+/// Removes what one [`setup`] call created, logging (not returning) failures.
+async fn rollback(info: &NetworkInfo, created: Created) {
+    if created.host_link {
+        if let Err(e) = remove_host_link(info).await {
+            tracing::warn!(link = %info.host_if, error = %e, "rollback: delete host link failed");
+        }
+    }
+    if created.guest_link {
+        if let Err(e) = remove_guest_link(info).await {
+            tracing::warn!(link = %info.gateway_if, error = %e, "rollback: delete guest link failed");
+        }
+    }
+    for (made, name) in [
+        (created.router_ns, &info.router_netns),
+        (created.sandbox_ns, &info.netns),
+    ] {
+        if made {
+            if let Err(e) = delete_netns(name) {
+                tracing::warn!(netns = %name, error = %e, "rollback: delete namespace failed");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// teardown
+
+/// Deletes `tgh<slot>` (and with it `up0`) if it is the peer of this
+/// sandbox router's `up0`; a link that is not is left alone.
+async fn remove_host_link(info: &NetworkInfo) -> Result<(), NetError> {
+    let router_path = netns_path(&info.router_netns);
+    if !ns::is_nsfs(&router_path) {
+        return Ok(());
+    }
+    let root = Nl::current()?;
+    let Some(host) = root.link(&info.host_if).await? else {
+        return Ok(());
+    };
+    let router = Nl::in_netns(&router_path).await?;
+    match router.link(&info.uplink_if).await? {
+        Some(up) if up.peer == Some(host.index) => root.del_link(host.index, &info.host_if).await,
+        _ => {
+            tracing::warn!(
+                link = %info.host_if,
+                netns = %info.router_netns,
+                "teardown: link is not this sandbox's uplink, left in place"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Deletes `tgs0` (and with it the sandbox's `eth0`) in the router namespace.
+async fn remove_guest_link(info: &NetworkInfo) -> Result<(), NetError> {
+    let router_path = netns_path(&info.router_netns);
+    if !ns::is_nsfs(&router_path) {
+        return Ok(());
+    }
+    let router = Nl::in_netns(&router_path).await?;
+    match router.link(&info.gateway_if).await? {
+        Some(gw) => router.del_link(gw.index, &info.gateway_if).await,
+        None => Ok(()),
+    }
+}
+
+/// Removes a sandbox network: the host link (only while it is this sandbox's
+/// uplink), the guest link, and both namespaces (with them the router's
+/// rules, routes and nftables table). Idempotent; only the fields naming
+/// things are used, so an [`info_for`] result works as well.
+///
+/// Sockets still open in the router namespace (proxy listeners) keep the
+/// namespace object alive, though unnamed and without links, until they are
+/// closed.
+pub async fn teardown(info: &NetworkInfo) -> Result<(), NetError> {
+    ns::validate_netns_name(&info.netns)?;
+    ns::validate_netns_name(&info.router_netns)?;
+    remove_host_link(info).await?;
+    remove_guest_link(info).await?;
+    delete_netns(&info.router_netns)?;
     delete_netns(&info.netns)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+// ---------------------------------------------------------------------------
+// proxy listeners
 
-    #[test]
-    fn plan_maps_slots_to_slash30() {
-        let plan = AddressPlan::default();
-        assert_eq!(plan.capacity(), 16384);
-        let l0 = plan.link(0).expect("slot 0");
-        assert_eq!(l0.network.to_string(), "10.200.0.0/30");
-        assert_eq!(l0.gateway, Ipv4Addr::new(10, 200, 0, 1));
-        assert_eq!(l0.guest, Ipv4Addr::new(10, 200, 0, 2));
-        let l = plan.link(16383).expect("last slot");
-        assert_eq!(l.gateway, Ipv4Addr::new(10, 200, 255, 253));
-        assert_eq!(l.guest, Ipv4Addr::new(10, 200, 255, 254));
-        assert!(plan.link(16384).is_err());
-        let small = AddressPlan::new("192.168.7.0/29".parse().expect("net"));
-        assert_eq!(small.capacity(), 2);
-        assert_eq!(
-            small.link(1).expect("1").guest,
-            Ipv4Addr::new(192, 168, 7, 6)
-        );
-        let tiny = AddressPlan::new("10.0.0.0/31".parse().expect("net"));
-        assert_eq!(tiny.capacity(), 0);
-        assert!(tiny.link(0).is_err());
-    }
+/// The proxy's listening sockets in a router namespace.
+#[derive(Debug)]
+pub struct Listeners {
+    /// `0.0.0.0:<listener_port>`.
+    pub v4: TcpListener,
+    /// `[::]:<listener_port>`, IPv6 only.
+    pub v6: TcpListener,
+}
 
-    #[test]
-    fn names() {
-        assert_eq!(netns_name("sbx-1"), "tollgate-sbx-1");
-        assert_eq!(host_if_name(4001), "tgh4001");
-        assert!(validate_netns_name("tollgate-sbx-1").is_ok());
-        assert!(validate_netns_name("../x").is_err());
-        assert!(validate_netns_name("").is_err());
+/// Opens the proxy's listeners inside the router namespace of `info`:
+/// non-blocking, `IP_TRANSPARENT` (connections to any original destination
+/// can be accepted and answered), `SO_REUSEADDR`, bound to
+/// `0.0.0.0:<listener_port>` and `[::]:<listener_port>` (v6 only), backlog
+/// [`LISTENER_BACKLOG`]. Blocks briefly (a dedicated thread creates them).
+pub fn open_listeners(info: &NetworkInfo) -> io::Result<Listeners> {
+    ns::validate_netns_name(&info.router_netns)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let port = info.listener_port;
+    ns::run_in_blocking(&netns_path(&info.router_netns), move || {
+        Ok(Listeners {
+            v4: transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?,
+            v6: transparent_listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?,
+        })
+    })
+}
+
+fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn, SockaddrIn6,
+    };
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    // IP_TRANSPARENT sets the socket's transparent flag for both families
+    // (the kernel passes SOL_IP options of IPv6 TCP sockets to the IPv4 code,
+    // and IPV6_TRANSPARENT sets the same flag).
+    setsockopt(&fd, sockopt::IpTransparent, &true)?;
+    match addr {
+        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?;
+        }
     }
+    listen(&fd, Backlog::new(LISTENER_BACKLOG)?)?;
+    Ok(TcpListener::from(fd))
 }

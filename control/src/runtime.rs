@@ -1,13 +1,22 @@
 //! Runtimes restore a snapshot onto a prepared host link and control the
 //! sandbox's life: start, pause, resume, stop, exec, and re-adoption after a
 //! daemon restart.
+//!
+//! The network is not a runtime's business: [`crate::net::setup`] prepares
+//! it (sandbox and router namespaces, links, filtering) before
+//! [`Runtime::start`] and [`crate::net::teardown`] removes it after
+//! [`Runtime::stop`]. A runtime only attaches the sandbox to the prepared
+//! network it is given (the netns backend runs the sandbox's processes in
+//! [`NetworkInfo::netns`]; a VM backend would attach its NIC there), so every
+//! backend gets the same data plane.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::net::NetworkInfo;
 
 /// What a template runs: a command and its environment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,7 +34,7 @@ pub struct Template {
 pub struct SandboxSpec {
     /// `sbx-…` identifier.
     pub id: String,
-    /// Index into the address plan; unique among live sandboxes.
+    /// Slot of the network plan; unique among live sandboxes.
     pub slot: u32,
     /// What to run.
     pub template: Template,
@@ -39,23 +48,6 @@ pub struct SandboxSpec {
     pub memory_mib: u32,
 }
 
-/// The network a runtime attached the sandbox to (persisted with the sandbox).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkInfo {
-    /// Name of the sandbox's network namespace (under `/run/netns`).
-    pub netns: String,
-    /// Host-side interface name.
-    pub host_if: String,
-    /// Guest-side interface name (inside the namespace).
-    pub guest_if: String,
-    /// Host-side address of the link (the sandbox's gateway).
-    pub gateway: Ipv4Addr,
-    /// The sandbox's address.
-    pub guest_addr: Ipv4Addr,
-    /// Prefix length of the link network.
-    pub prefix_len: u8,
-}
-
 /// Handle a runtime returns for a started sandbox; persisted so that a
 /// restarted daemon can re-adopt it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +58,8 @@ pub struct RuntimeHandle {
     pub pid: i32,
     /// Start time of that PID (from `/proc/PID/stat`, field 22), to detect reuse.
     pub pid_start: u64,
-    /// The attached network.
+    /// The network the sandbox was started on (the one given to
+    /// [`Runtime::start`]).
     pub network: NetworkInfo,
 }
 
@@ -97,7 +90,8 @@ pub struct ExecRequest {
 /// Why a runtime operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    /// The host could not set up the sandbox's network (netlink, namespace).
+    /// The sandbox's network could not be set up or removed (netlink,
+    /// namespace, nftables); see [`crate::net::NetError`].
     #[error("network setup failed: {0}")]
     Network(String),
     /// The sandbox's process could not be started or controlled.
@@ -111,14 +105,18 @@ pub enum RuntimeError {
     Privilege(String),
 }
 
-/// A sandbox runtime backend. Every method releases what it created on every
-/// failure path: a failed `start` leaves no namespace, link or process.
+/// A sandbox runtime backend. It manages processes (or VMs) only, never the
+/// network. Every method releases what it created on every failure path: a
+/// failed `start` leaves no process behind.
 #[allow(async_fn_in_trait)]
 pub trait Runtime: Send + Sync + 'static {
-    /// Creates the sandbox's network and starts its main process.
+    /// Starts the sandbox on `net`, a network [`crate::net::setup`] already
+    /// created: the netns backend runs the sandbox's processes in
+    /// `net.netns`. The returned handle carries a copy of `net`.
     fn start(
         &self,
         spec: &SandboxSpec,
+        net: &NetworkInfo,
     ) -> impl std::future::Future<Output = Result<RuntimeHandle, RuntimeError>> + Send;
     /// Freezes every process of the sandbox.
     fn pause(
@@ -130,7 +128,8 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         handle: &RuntimeHandle,
     ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
-    /// Kills every process and removes the namespace and link. Idempotent.
+    /// Kills every process of the sandbox. Idempotent. The network stays
+    /// (the caller tears it down with [`crate::net::teardown`]).
     fn stop(
         &self,
         handle: &RuntimeHandle,
@@ -142,15 +141,16 @@ pub trait Runtime: Send + Sync + 'static {
         req: ExecRequest,
     ) -> impl std::future::Future<Output = Result<ExecOutput, RuntimeError>> + Send;
     /// Releases whatever a start that never completed (the daemon died
-    /// mid-start) may have left for sandbox `id` on `slot`: processes,
-    /// namespace, link. Idempotent.
+    /// mid-start) may have left for sandbox `id` on `slot`: processes only,
+    /// found without a handle. Idempotent. The network is the caller's
+    /// ([`crate::net::info_for`] + [`crate::net::teardown`]).
     fn release(
         &self,
         id: &str,
         slot: u32,
     ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
     /// After a daemon restart: is this sandbox still alive (same PID, same start
-    /// time, namespace present)?
+    /// time, sandbox namespace present)?
     fn is_alive(&self, handle: &RuntimeHandle) -> bool;
 }
 

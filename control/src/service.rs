@@ -14,7 +14,10 @@ use tollgate_proxy::policy::{FieldError, NetworkPolicy};
 
 use crate::config::Config;
 use crate::model::{new_id, now, SandboxRecord, SnapshotRecord, State};
-use crate::runtime::{ExecOutput, ExecRequest, Runtime, RuntimeError, SandboxSpec, Template};
+use crate::net::{self, NetPlan};
+use crate::runtime::{
+    ExecOutput, ExecRequest, Runtime, RuntimeError, RuntimeHandle, SandboxSpec, Template,
+};
 use crate::store::{Store, StoreError};
 use crate::validate::{CreateRequest, ExecRequestBody, RestoreRequest, SnapshotRequest};
 
@@ -90,7 +93,7 @@ impl<R: Runtime> Service<R> {
                 State::Deleted => {}
                 State::Deleting => {
                     if let Some(h) = &r.runtime {
-                        if let Err(e) = runtime.stop(h).await {
+                        if let Err(e) = stop_and_teardown(&runtime, h).await {
                             tracing::warn!(sandbox = %r.id, error = %e, "cannot finish a deletion");
                             r.status_reason = Some(format!("deletion failed: {e}"));
                             store.put_sandbox(&r)?;
@@ -111,8 +114,8 @@ impl<R: Runtime> Service<R> {
                         tracing::info!(sandbox = %r.id, state = r.state.as_str(), "re-adopted");
                     } else {
                         let released = match &r.runtime {
-                            Some(h) => runtime.stop(h).await,
-                            None => runtime.release(&r.id, r.slot).await,
+                            Some(h) => stop_and_teardown(&runtime, h).await,
+                            None => release_and_teardown(&runtime, &cfg, &r.id, r.slot).await,
                         };
                         if let Err(e) = released {
                             tracing::warn!(sandbox = %r.id, error = %e, "cannot release a lost sandbox");
@@ -326,7 +329,21 @@ impl<R: Runtime> Service<R> {
             vcpu,
             memory_mib,
         };
-        match self.runtime.start(&spec).await {
+        let started = async {
+            let network = net::setup(&self.net_plan(), &spec.id, spec.slot).await?;
+            // eBPF attach goes here
+            match self.runtime.start(&spec, &network).await {
+                Ok(handle) => Ok(handle),
+                Err(e) => {
+                    if let Err(te) = net::teardown(&network).await {
+                        tracing::warn!(sandbox = %spec.id, error = %te, "failed start: network teardown");
+                    }
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match started {
             Ok(handle) => {
                 let mut inner = self.lock();
                 let r = inner
@@ -352,9 +369,12 @@ impl<R: Runtime> Service<R> {
     }
 
     fn slot_capacity(&self) -> u32 {
-        let pool = self.cfg.network.pool;
-        let host_bits = 32 - u32::from(pool.prefix_len());
-        (1u32 << host_bits.min(31)) / 4
+        self.net_plan().capacity()
+    }
+
+    /// The per-sandbox network plan of this daemon.
+    fn net_plan(&self) -> NetPlan {
+        NetPlan::from(&self.cfg.network)
     }
 
     /// One sandbox of `org`.
@@ -432,7 +452,7 @@ impl<R: Runtime> Service<R> {
             State::Deleting,
         )?;
         if let Some(h) = &before.runtime {
-            if let Err(e) = self.runtime.stop(h).await {
+            if let Err(e) = stop_and_teardown(&self.runtime, h).await {
                 let mut inner = self.lock();
                 if let Some(r) = inner.sandboxes.get_mut(id) {
                     r.status_reason = Some(format!("deletion failed: {e}"));
@@ -655,4 +675,23 @@ impl<R: Runtime> Service<R> {
             }
         }
     }
+}
+
+/// Stops a sandbox's processes, then removes its network.
+async fn stop_and_teardown<R: Runtime>(runtime: &R, h: &RuntimeHandle) -> Result<(), RuntimeError> {
+    runtime.stop(h).await?;
+    Ok(net::teardown(&h.network).await?)
+}
+
+/// Releases what an interrupted start of sandbox `id` on `slot` left behind
+/// (processes, then network), without a runtime handle.
+async fn release_and_teardown<R: Runtime>(
+    runtime: &R,
+    cfg: &Config,
+    id: &str,
+    slot: u32,
+) -> Result<(), RuntimeError> {
+    runtime.release(id, slot).await?;
+    let info = net::info_for(&NetPlan::from(&cfg.network), id, slot)?;
+    Ok(net::teardown(&info).await?)
 }

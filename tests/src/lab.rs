@@ -39,6 +39,8 @@ pub const METADATA4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub const PUBLIC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
 /// A private v6 canary address.
 pub const PRIVATE6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 0x10);
+/// Port of the host namespace's canary service (TCP and UDP).
+pub const HOST_PORT: u16 = 7777;
 /// TCP ports the canary serves.
 pub const TCP_PORTS: [u16; 5] = [22, 53, 80, 443, 8443];
 /// UDP ports the canary answers.
@@ -100,6 +102,9 @@ pub struct Lab {
     pub up_ns: String,
     /// What reached the upstream.
     pub canary: Canary,
+    /// What reached the host namespace's own services (TCP and UDP port
+    /// [`HOST_PORT`] on every address, v4 and v6).
+    pub host_canary: Canary,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -155,6 +160,7 @@ impl Lab {
             host_ns: host_ns.clone(),
             up_ns: up_ns.clone(),
             canary: Canary::default(),
+            host_canary: Canary::default(),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
         };
@@ -221,7 +227,56 @@ impl Lab {
         sysctl(u, "net.ipv4.conf.all.rp_filter", "0");
         sysctl(u, "net.ipv4.conf.lan0.rp_filter", "0");
         lab.start_canary();
+        lab.start_host_canary();
         lab
+    }
+
+    fn start_host_canary(&mut self) {
+        for any in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+            let ns = self.host_ns.clone();
+            let (listener, udp) = in_netns(&ns, move || {
+                let addr = SocketAddr::new(any, HOST_PORT);
+                let t = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+                let u = Socket::new(Domain::for_address(addr), Type::DGRAM, None).expect("socket");
+                if any.is_ipv6() {
+                    t.set_only_v6(true).expect("v6only");
+                    u.set_only_v6(true).expect("v6only");
+                }
+                t.set_reuse_address(true).expect("reuse");
+                t.bind(&addr.into()).expect("bind host canary tcp");
+                t.listen(128).expect("listen");
+                t.set_nonblocking(true).expect("nonblocking");
+                u.bind(&addr.into()).expect("bind host canary udp");
+                u.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+                (TcpListener::from(t), UdpSocket::from(u))
+            });
+            let (stop, seen) = (self.stop.clone(), self.host_canary.seen.clone());
+            self.threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((c, peer)) => {
+                            let dst = c.local_addr().map(|a| a.ip()).unwrap_or(any);
+                            if let Ok(mut v) = seen.lock() {
+                                v.push(Seen { proto: 6, src: peer.ip(), dst, dport: HOST_PORT });
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            }));
+            let (stop, seen) = (self.stop.clone(), self.host_canary.seen.clone());
+            self.threads.push(std::thread::spawn(move || {
+                let mut b = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = udp.recv_from(&mut b) {
+                        if let Ok(mut v) = seen.lock() {
+                            v.push(Seen { proto: 17, src: from.ip(), dst: any, dport: HOST_PORT });
+                        }
+                        let _ = udp.send_to(&b[..n], from);
+                    }
+                }
+            }));
+        }
     }
 
     /// Runs `f` on a thread inside the host namespace.

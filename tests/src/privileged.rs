@@ -1,13 +1,17 @@
 //! Helpers for tests that need root and namespaces: a hard root check (never
-//! a silent skip), the `tollgate` binary, cleanup guards and `/proc` probes.
+//! a silent skip), the `tollgate` binary, cleanup guards (sandbox processes,
+//! sandbox networks), namespace-scoped probes and `/proc` probes.
 
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use tollgate::net::{self, NetPlan};
 use tollgate::runtime::{NetworkInfo, Runtime, RuntimeHandle};
 
 /// The command that runs the privileged tests.
@@ -156,30 +160,160 @@ impl<R: Runtime> Drop for SandboxGuard<R> {
     }
 }
 
-/// Removes a sandbox network (namespace and host link) when dropped.
-pub struct NetworkGuard(pub NetworkInfo);
+/// Runs a future on a fresh current-thread runtime on a thread inside the
+/// named network namespace `ns`: everything `tollgate::net` does "in the
+/// daemon's namespace" (host link, host nftables, sysctls) then happens in
+/// `ns` (e.g. a lab's host namespace) instead of the test's own.
+pub fn block_on_in<T, Fut>(ns: &str, make: impl FnOnce() -> Fut + Send + 'static) -> T
+where
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    crate::lab::in_netns(ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(make())
+    })
+}
+
+/// Removes a sandbox network (both namespaces, the host link) when dropped.
+pub struct NetworkGuard {
+    /// The guarded network (names are what teardown uses).
+    pub info: NetworkInfo,
+    /// Namespace the host side lives in (the daemon's; `None`: the test's).
+    pub host_ns: Option<String>,
+}
 
 impl NetworkGuard {
-    /// Guards the network a sandbox with this id on this slot would get.
+    /// Guards the network a sandbox with this id on this slot would get from
+    /// the default plan, with its host side in the test's namespace. A slot
+    /// outside the plan still gets the right names.
     pub fn for_sandbox(id: &str, slot: u32) -> Self {
-        Self(NetworkInfo {
-            netns: tollgate::net::netns_name(id),
-            host_if: tollgate::net::host_if_name(slot),
-            guest_if: tollgate::net::GUEST_IF.to_owned(),
-            gateway: std::net::Ipv4Addr::UNSPECIFIED,
-            guest_addr: std::net::Ipv4Addr::UNSPECIFIED,
-            prefix_len: tollgate::net::LINK_PREFIX_LEN,
-        })
+        Self::guard(id, slot, None)
+    }
+
+    /// Like [`Self::for_sandbox`], with the host side in namespace `host_ns`.
+    pub fn in_host(host_ns: &str, id: &str, slot: u32) -> Self {
+        Self::guard(id, slot, Some(host_ns.to_owned()))
+    }
+
+    fn guard(id: &str, slot: u32, host_ns: Option<String>) -> Self {
+        let plan = NetPlan::default();
+        let mut info = net::info_for(&plan, id, slot)
+            .or_else(|_| net::info_for(&plan, id, 0))
+            .expect("sandbox network names");
+        info.slot = slot;
+        info.host_if = net::host_if_name(slot);
+        Self { info, host_ns }
+    }
+
+    /// Removes the network now (also done on drop), returning the error.
+    pub fn teardown(&self) -> Result<(), net::NetError> {
+        let info = self.info.clone();
+        match &self.host_ns {
+            Some(ns) => block_on_in(ns, move || async move { net::teardown(&info).await }),
+            None => block_on_fresh(async move { net::teardown(&info).await }),
+        }
     }
 }
 
 impl Drop for NetworkGuard {
     fn drop(&mut self) {
-        let info = self.0.clone();
-        if let Err(e) = block_on_fresh(async move { tollgate::net::teardown(&info).await }) {
-            eprintln!("cleanup: teardown {}: {e}", self.0.netns);
+        if let Err(e) = self.teardown() {
+            eprintln!("cleanup: teardown {}: {e}", self.info.netns);
         }
     }
+}
+
+/// Loads an nftables ruleset inside the named network namespace (test-only
+/// rules, e.g. marks that stand in for the eBPF program).
+pub fn nft_in(ns: &str, ruleset: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(ruleset.as_bytes())
+        .expect("write ruleset");
+    let out = child.wait_with_output().expect("wait for nft");
+    assert!(
+        out.status.success(),
+        "nft in {ns}: {}\n{ruleset}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Output of a command run inside the named network namespace (`ip netns
+/// exec`); panics when it fails.
+pub fn run_in(ns: &str, argv: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(argv)
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{argv:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// From inside namespace `ns`: connects to `to` (bound to `from` when
+/// given), sends `hello`, and returns the reply (read until EOF or a short
+/// timeout) or the connect/IO error.
+pub fn tcp_exchange(
+    ns: &str,
+    from: Option<SocketAddr>,
+    to: SocketAddr,
+    hello: &[u8],
+    timeout: Duration,
+) -> std::io::Result<String> {
+    let hello = hello.to_vec();
+    crate::lab::in_netns(ns, move || {
+        let mut stream = match from {
+            None => TcpStream::connect_timeout(&to, timeout)?,
+            Some(local) => {
+                let sock = socket2::Socket::new(
+                    socket2::Domain::for_address(to),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                sock.bind(&local.into())?;
+                sock.connect_timeout(&to.into(), timeout)?;
+                TcpStream::from(sock)
+            }
+        };
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(&hello)?;
+        let mut reply = String::new();
+        match stream.read_to_string(&mut reply) {
+            Ok(_) => Ok(reply),
+            Err(_) if !reply.is_empty() => Ok(reply),
+            Err(e) => Err(e),
+        }
+    })
+}
+
+/// Interfaces of a network namespace (`None`: the test's own).
+pub fn links_of(ns: Option<&str>) -> std::collections::BTreeSet<String> {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let out = cmd.args(["-o", "link", "show"]).output().expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+        .collect()
 }
 
 /// A host directory (e.g. a fake daemon state dir) removed when dropped.

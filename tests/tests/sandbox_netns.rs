@@ -119,12 +119,21 @@ fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
         "exec ran in the host's network namespace"
     );
 
-    // The first sandbox takes slot 0: 10.211.0.2/30 behind gateway 10.211.0.1.
+    // Every sandbox sees the same guest addresses (10.0.2.15/24 and
+    // fd00:7467::15/64, behind its own router at 10.0.2.2); the pool only
+    // numbers the uplinks between routers and host.
     let (code, out, err) = cli_exec(&d, &id, &["cat", "/proc/net/fib_trie"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("10.211.0.2"),
+        out.contains("10.0.2.15") && !out.contains("10.211."),
         "guest address missing inside: {out}"
+    );
+    let (code, out, _) = cli_exec(&d, &id, &["cat", "/proc/net/if_inet6"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("fd007467000000000000000000000015 ") && l.ends_with("eth0")),
+        "guest v6 address missing inside: {out}"
     );
     let (code, out, _) = cli_exec(&d, &id, &["cat", "/proc/net/route"]);
     assert_eq!(code, 0);
@@ -143,9 +152,14 @@ fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
     assert_eq!(code, 7, "exit code not propagated");
     let new_links: Vec<String> = links(&d.lab).difference(&before_links).cloned().collect();
     assert_eq!(
-        new_links.len(),
-        1,
+        new_links,
+        vec!["tgh0".to_string()],
         "expected one host-side link, got {new_links:?}"
+    );
+    let router_file = format!("/run/netns/tgr-{id}");
+    assert!(
+        std::path::Path::new(&router_file).exists(),
+        "no router namespace {router_file}"
     );
     assert!(
         !pids_of_uid(200_000).is_empty(),
@@ -163,6 +177,10 @@ fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
     assert!(
         !std::path::Path::new(&ns_file).exists(),
         "namespace left behind"
+    );
+    assert!(
+        !std::path::Path::new(&router_file).exists(),
+        "router namespace left behind"
     );
     assert_eq!(links(&d.lab), before_links, "link left behind");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -252,6 +270,7 @@ fn restart_keeps_every_object_and_reports_lost_sandboxes() {
         g.body
     );
     assert!(!std::path::Path::new(&format!("/run/netns/tollgate-{id}")).exists());
+    assert!(!std::path::Path::new(&format!("/run/netns/tgr-{id}")).exists());
     assert_eq!(
         links(&d.lab),
         before_links,

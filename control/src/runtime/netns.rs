@@ -2,8 +2,10 @@
 //!
 //! A sandbox is a process tree on the host, confined by Linux namespaces:
 //!
-//! * **network**: its own namespace `/run/netns/tollgate-<id>`, reachable only
-//!   through the veth pair `tgh<slot>` ⇄ `eth0` that [`crate::net`] creates; it
+//! * **network**: the namespace `/run/netns/tollgate-<id>` that
+//!   [`crate::net::setup`] prepared before [`Runtime::start`] (the runtime
+//!   never creates or removes network resources); its only way out is `eth0`,
+//!   whose peer `tgs0` lives in the sandbox's router namespace. The sandbox
 //!   sees its own `lo`, `eth0` and routes, and a fresh `/sys` for them;
 //! * **mounts**: a private mount namespace (`/` made `rprivate`) in which every
 //!   configured hide path (the daemon's state directory: keys, CA keys,
@@ -67,7 +69,7 @@ use tokio::process::Command;
 use super::{
     ExecOutput, ExecRequest, NetworkInfo, Runtime, RuntimeError, RuntimeHandle, SandboxSpec,
 };
-use crate::net::{self, AddressPlan};
+use crate::net;
 
 /// Backend name recorded in [`RuntimeHandle::backend`].
 pub const BACKEND: &str = "netns";
@@ -99,8 +101,6 @@ pub struct NetnsConfig {
     /// directory, …); each is covered by an empty read-only tmpfs (files by
     /// `/dev/null`). Paths that do not exist are skipped.
     pub hide_paths: Vec<PathBuf>,
-    /// Slot → link addresses.
-    pub plan: AddressPlan,
 }
 
 /// The network-namespace process runtime. See the module documentation for
@@ -114,25 +114,6 @@ impl NetnsRuntime {
     /// A runtime with this configuration.
     pub fn new(config: NetnsConfig) -> Self {
         Self { config }
-    }
-
-    /// The handle of sandbox `id` on `slot` before its supervisor exists
-    /// (no PID): enough to find and release its namespace and link.
-    fn placeholder(&self, id: &str, slot: u32) -> Result<RuntimeHandle, RuntimeError> {
-        let link = self.config.plan.link(slot)?;
-        Ok(RuntimeHandle {
-            backend: BACKEND.to_owned(),
-            pid: 0,
-            pid_start: 0,
-            network: NetworkInfo {
-                netns: net::netns_name(id),
-                host_if: net::host_if_name(slot),
-                guest_if: net::GUEST_IF.to_owned(),
-                gateway: link.gateway,
-                guest_addr: link.guest,
-                prefix_len: link.prefix_len,
-            },
-        })
     }
 
     /// The configuration.
@@ -291,22 +272,22 @@ fn send(pid: i32, sig: Signal) {
     }
 }
 
-/// SIGKILLs every process of the sandbox (supervisor, its PID namespace, and
-/// anything else inside its network namespace) until none is left or the
-/// deadline passes.
-async fn kill_everything(handle: &RuntimeHandle) -> Result<(), RuntimeError> {
+/// SIGKILLs every process of the sandbox (the supervisor of `handle` when
+/// known, its PID namespace, and anything inside the sandbox network
+/// namespace `netns`) until none is left or the deadline passes.
+async fn kill_everything(handle: Option<&RuntimeHandle>, netns: &str) -> Result<(), RuntimeError> {
     let deadline = Instant::now() + STOP_TIMEOUT;
-    let netns = ns_id(&net::netns_path(&handle.network.netns));
-    let pidns = sandbox_pid_ns(handle);
+    let netns_id = ns_id(&net::netns_path(netns));
+    let pidns = handle.and_then(sandbox_pid_ns);
     loop {
         let mut victims = Vec::new();
-        if supervisor_alive(handle) {
-            victims.push(handle.pid);
+        if let Some(h) = handle.filter(|h| supervisor_alive(h)) {
+            victims.push(h.pid);
         }
         if let Some(id) = pidns {
             victims.extend(pids_in_ns("pid", id));
         }
-        if let Some(id) = netns {
+        if let Some(id) = netns_id {
             victims.extend(pids_in_ns("net", id));
         }
         victims.sort_unstable();
@@ -316,8 +297,7 @@ async fn kill_everything(handle: &RuntimeHandle) -> Result<(), RuntimeError> {
         }
         if Instant::now() >= deadline {
             return Err(RuntimeError::Process(format!(
-                "processes of sandbox {} still alive after SIGKILL: {victims:?}",
-                handle.network.netns
+                "processes of sandbox {netns} still alive after SIGKILL: {victims:?}"
             )));
         }
         for &pid in &victims {
@@ -327,8 +307,8 @@ async fn kill_everything(handle: &RuntimeHandle) -> Result<(), RuntimeError> {
     }
 }
 
-/// Cleans up a half-started sandbox if `start` is cancelled (its future
-/// dropped) between network setup and success.
+/// Kills the processes of a half-started sandbox if `start` is cancelled (its
+/// future dropped) before it succeeded. The network is the caller's.
 struct StartGuard {
     armed: Option<RuntimeHandle>,
 }
@@ -341,16 +321,12 @@ impl Drop for StartGuard {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    let _ = kill_everything(&handle).await;
-                    if let Err(e) = net::teardown(&handle.network).await {
+                    if let Err(e) = kill_everything(Some(&handle), &handle.network.netns).await {
                         tracing::warn!(netns = %handle.network.netns, error = %e, "cleanup of cancelled start failed");
                     }
                 });
             }
-            Err(_) => {
-                send(handle.pid, Signal::SIGKILL);
-                let _ = net::delete_netns(&handle.network.netns);
-            }
+            Err(_) => send(handle.pid, Signal::SIGKILL),
         }
     }
 }
@@ -407,7 +383,7 @@ impl NetnsRuntime {
     }
 
     /// Spawns the supervisor and waits for its `ready`. On failure everything
-    /// it started is killed (the network is the caller's to release).
+    /// it started is killed (the network is the caller's).
     async fn spawn_supervisor(
         &self,
         spec: &SandboxSpec,
@@ -482,7 +458,7 @@ impl NetnsRuntime {
         };
         if let Some(reason) = failure {
             let _ = child.start_kill();
-            let killed = kill_everything(&handle).await;
+            let killed = kill_everything(Some(&handle), &handle.network.netns).await;
             let exit = tokio::time::timeout(STOP_TIMEOUT, child.wait()).await;
             let mut detail = stderr.finish().await.trim().to_owned();
             if let Ok(Ok(st)) = exit {
@@ -539,7 +515,11 @@ impl NetnsRuntime {
 }
 
 impl Runtime for NetnsRuntime {
-    async fn start(&self, spec: &SandboxSpec) -> Result<RuntimeHandle, RuntimeError> {
+    async fn start(
+        &self,
+        spec: &SandboxSpec,
+        net: &NetworkInfo,
+    ) -> Result<RuntimeHandle, RuntimeError> {
         if spec.template.command.is_empty() {
             return Err(RuntimeError::Process("template command is empty".into()));
         }
@@ -549,28 +529,17 @@ impl Runtime for NetnsRuntime {
             ));
         }
         let env = env_json(&Self::sandbox_env(spec))?;
-        let name = net::netns_name(&spec.id);
-        // Armed until the start succeeded or was fully rolled back, so that a
-        // cancelled start (future dropped) is cleaned up too.
-        let mut guard = StartGuard {
-            armed: Some(self.placeholder(&spec.id, spec.slot)?),
-        };
-        let network = match net::setup(&self.config.plan, &name, spec.slot).await {
-            Ok(n) => n,
-            Err(e) => {
-                // `setup` already released what it created.
-                guard.armed = None;
-                return Err(e.into());
-            }
-        };
-        let result = self
-            .spawn_supervisor(spec, &network, &env, &mut guard)
-            .await;
-        if result.is_err() {
-            if let Err(te) = net::teardown(&network).await {
-                tracing::warn!(sandbox = %spec.id, error = %te, "failed start: teardown");
-            }
+        if !net::netns_exists(&net.netns) {
+            return Err(RuntimeError::Network(format!(
+                "network namespace {} does not exist (net::setup first)",
+                net.netns
+            )));
         }
+        // Armed once the supervisor exists and until the start succeeded or
+        // was rolled back, so that a cancelled start (future dropped) is
+        // cleaned up too.
+        let mut guard = StartGuard { armed: None };
+        let result = self.spawn_supervisor(spec, net, &env, &mut guard).await;
         guard.armed = None;
         result
     }
@@ -597,14 +566,12 @@ impl Runtime for NetnsRuntime {
     }
 
     async fn stop(&self, handle: &RuntimeHandle) -> Result<(), RuntimeError> {
-        let killed = kill_everything(handle).await;
-        net::teardown(&handle.network).await?;
-        killed
+        kill_everything(Some(handle), &handle.network.netns).await
     }
 
-    async fn release(&self, id: &str, slot: u32) -> Result<(), RuntimeError> {
-        let handle = self.placeholder(id, slot)?;
-        self.stop(&handle).await
+    async fn release(&self, id: &str, _slot: u32) -> Result<(), RuntimeError> {
+        // Everything of the sandbox runs in its network namespace, found by id.
+        kill_everything(None, &net::netns_name(id)).await
     }
 
     async fn exec(
