@@ -60,8 +60,10 @@ pub struct HostConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
-    /// Pool the per-sandbox /30 links are cut from (a /16 holds 16,384 sandboxes).
+    /// Pool the per-sandbox /30 uplinks are cut from (a /16 holds 16,384 sandboxes).
     pub pool: Ipv4Net,
+    /// IPv6 pool the per-sandbox /64 uplinks are cut from.
+    pub pool6: ipnet::Ipv6Net,
     /// Extra ranges denied to every sandbox in every mode (added to the floor).
     pub deny_cidrs: Vec<IpNet>,
     /// First uid of the range sandboxes run as (uid = base + slot).
@@ -110,7 +112,8 @@ impl Default for HostConfig {
 impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
-            pool: Ipv4Net::new(std::net::Ipv4Addr::new(10, 200, 0, 0), 16).unwrap_or_default(),
+            pool: crate::net::DEFAULT_POOL4,
+            pool6: crate::net::DEFAULT_POOL6,
             deny_cidrs: Vec::new(),
             uid_base: 200_000,
         }

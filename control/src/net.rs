@@ -193,9 +193,9 @@ impl Default for NetPlan {
 }
 
 impl From<&NetworkConfig> for NetPlan {
-    /// `network.pool` and the default IPv6 pool (not configurable yet).
+    /// `network.pool` and `network.pool6`.
     fn from(cfg: &NetworkConfig) -> Self {
-        Self::new(cfg.pool, DEFAULT_POOL6)
+        Self::new(cfg.pool, cfg.pool6)
     }
 }
 
