@@ -18,7 +18,8 @@ use crate::model::{rfc3339, SandboxRecord, SnapshotRecord, State};
 use crate::runtime::Runtime;
 use crate::service::{Service, ServiceError};
 use crate::validate::{
-    parse_policy_update, CreateRequest, ExecRequestBody, ListQuery, RestoreRequest, SnapshotRequest,
+    parse_policy_update, CreateRequest, EventsQuery, ExecRequestBody, ListQuery, RestoreRequest,
+    SnapshotRequest,
 };
 
 /// Largest request body accepted.
@@ -80,7 +81,8 @@ impl From<ServiceError> for ApiError {
             e @ ServiceError::Capacity(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
-            e @ (ServiceError::Runtime(_) | ServiceError::Store(_)) => {
+            e
+            @ (ServiceError::Runtime(_) | ServiceError::Store(_) | ServiceError::Dataplane(_)) => {
                 tracing::error!(error = %e, "internal error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
@@ -351,9 +353,27 @@ impl<R: Runtime> Api<R> {
                 svc.get(&org, &id)?;
                 let body = read_json(req).await?;
                 let p = parse_policy_update(&body).map_err(ApiError::invalid)?;
+                let s = detached(
+                    svc,
+                    move |svc| async move { svc.set_policy(&org, &id, p).await },
+                )
+                .await?;
+                Ok(json_response(StatusCode::OK, &sandbox_json(&s)))
+            }
+            (Method::GET, ["sandbox", id, "network", "events"]) => {
+                let q = EventsQuery::parse(query.as_deref()).map_err(ApiError::invalid)?;
+                let items = svc.network_events(&org, id, q.after, q.limit)?;
+                let n = items.len();
                 Ok(json_response(
                     StatusCode::OK,
-                    &sandbox_json(&svc.set_policy(&org, &id, p)?),
+                    &json!({"items": items, "total_items": n}),
+                ))
+            }
+            (Method::GET, ["sandbox", id, "network", "counters"]) => {
+                let counters = svc.network_counters(&org, id)?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"sandbox_id": id, "counters": counters}),
                 ))
             }
             (Method::POST, ["sandbox", id, "process", "execute"]) => {

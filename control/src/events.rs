@@ -63,7 +63,12 @@ pub struct EventLog {
 impl EventLog {
     /// A log persisted under `dir` (created if needed).
     pub fn new(dir: PathBuf) -> Self {
-        if let Err(e) = std::fs::create_dir_all(&dir) {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+        {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot create the events dir");
         }
         Self {
@@ -174,7 +179,13 @@ fn append(path: &std::path::Path, ev: &NetEvent) -> std::io::Result<()> {
 fn rewrite(path: &std::path::Path, events: &VecDeque<NetEvent>) -> std::io::Result<()> {
     let tmp = path.with_extension("jsonl.tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         for ev in events {
             let mut line = serde_json::to_vec(ev).map_err(std::io::Error::other)?;
             line.push(b'\n');

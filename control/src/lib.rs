@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod dataplane;
 pub mod events;
 pub mod model;
 pub mod net;

@@ -185,8 +185,22 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         exe,
         hide_paths: vec![cfg.state_dir.clone()],
     });
+    tollgate_ebpf::ensure_bpffs().context("bpffs")?;
+    let floor = tollgate::dataplane::floor(
+        &cfg.network.deny_cidrs,
+        &[cfg.network.pool.into(), cfg.network.pool6.into()],
+        &tollgate::dataplane::host_addresses(),
+    );
+    let events = Arc::new(tollgate::events::EventLog::new(
+        cfg.state_dir.join("events"),
+    ));
+    let dataplane = Arc::new(tollgate::dataplane::Dataplane::new(
+        tollgate::dataplane::default_pin_root().to_path_buf(),
+        floor,
+        events,
+    ));
     let listen = cfg.listen;
-    let service = Service::open(cfg, orgs, runtime).await?;
+    let service = Service::open(cfg, orgs, runtime, dataplane).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

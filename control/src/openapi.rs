@@ -114,6 +114,13 @@ pub fn document() -> Value {
                 ok("200", "The sandbox with its new policy", "Sandbox"), &["400", "401", "404", "409"], id_param("id"))},
             "/v1/sandbox/{id}/process/execute": {"post": op("Run a command inside a sandbox", Some("ExecRequest"),
                 ok("200", "The command's result", "ExecResult"), &["400", "401", "404", "409", "500"], id_param("id"))},
+            "/v1/sandbox/{id}/network/events": {"get": op("The sandbox's network events: eBPF drops and connections steered to its proxy", None,
+                ok("200", "Events, oldest first", "NetEventList"), &["400", "401", "404"],
+                json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}},
+                       {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}]))},
+            "/v1/sandbox/{id}/network/counters": {"get": op("Packets per eBPF verdict since the sandbox's filter was attached", None,
+                ok("200", "Counters by reason", "NetCounters"), &["401", "404", "409", "500"], id_param("id"))},
             "/v1/snapshots": {"get": op("List the organization's snapshots", None,
                 ok("200", "A page of snapshots", "SnapshotList"), &["400", "401"],
                 list_params(&["created_at", "template_id"], json!({"name": "query", "in": "query", "schema": {"type": "string", "maxLength": 64}})))},
@@ -208,6 +215,24 @@ pub fn document() -> Value {
                         "disk_mib": {"type": "integer"}, "disk": {"type": "integer"},
                         "network_policy": {"$ref": "#/components/schemas/NetworkPolicy"},
                         "created_at": {"type": "string", "format": "date-time"}}},
+                "NetEvent": {"type": "object", "additionalProperties": false,
+                    "required": ["seq", "time_ms", "sandbox_id", "kind", "protocol", "destination", "port", "reason"],
+                    "properties": {
+                        "seq": {"type": "integer", "minimum": 1},
+                        "time_ms": {"type": "integer", "description": "unix milliseconds"},
+                        "sandbox_id": {"type": "string"},
+                        "kind": {"type": "string", "enum": ["denied", "steered"]},
+                        "protocol": {"type": "string"},
+                        "destination": {"type": ["string", "null"]},
+                        "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+                        "name": {"type": "string"},
+                        "reason": {"type": "string", "description": "stable snake_case code: drop_floor, drop_deny_all, steered, ..."}}},
+                "NetEventList": {"type": "object", "required": ["items", "total_items"], "additionalProperties": false, "properties": {
+                    "items": {"type": "array", "items": {"$ref": "#/components/schemas/NetEvent"}},
+                    "total_items": {"type": "integer", "minimum": 0}}},
+                "NetCounters": {"type": "object", "required": ["sandbox_id", "counters"], "additionalProperties": false, "properties": {
+                    "sandbox_id": {"type": "string"},
+                    "counters": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}}},
                 "SnapshotList": {"type": "object", "required": ["items", "total_items"], "additionalProperties": false, "properties": {
                     "items": {"type": "array", "items": {"$ref": "#/components/schemas/Snapshot"}},
                     "total_items": {"type": "integer", "minimum": 0}}}

@@ -13,6 +13,8 @@ use std::time::Duration;
 use tollgate_proxy::policy::{FieldError, NetworkPolicy};
 
 use crate::config::Config;
+use crate::dataplane::{Dataplane, DataplaneError};
+use crate::events::NetEvent;
 use crate::model::{new_id, now, SandboxRecord, SnapshotRecord, State};
 use crate::net::{self, NetPlan};
 use crate::runtime::{
@@ -48,6 +50,9 @@ pub enum ServiceError {
     /// The store failed (500).
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The data plane (eBPF filter, listeners) failed (500).
+    #[error("data plane: {0}")]
+    Dataplane(#[from] DataplaneError),
 }
 
 /// An organization as the service knows it.
@@ -72,14 +77,22 @@ pub struct Service<R: Runtime> {
     templates: HashMap<String, Template>,
     store: Store,
     runtime: R,
+    dataplane: Arc<Dataplane>,
     inner: Mutex<Inner>,
+    /// Serialises policy updates so the data plane and the store agree.
+    policy_updates: tokio::sync::Mutex<()>,
 }
 
 impl<R: Runtime> Service<R> {
     /// Loads the store and re-adopts what is still running. Sandboxes whose
     /// process is gone are kept, reported as `deleted` with a `status_reason`,
     /// and their leftovers are released.
-    pub async fn open(cfg: Config, orgs: Vec<Org>, runtime: R) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(
+        cfg: Config,
+        orgs: Vec<Org>,
+        runtime: R,
+        dataplane: Arc<Dataplane>,
+    ) -> anyhow::Result<Arc<Self>> {
         let store = Store::open(&cfg.state_dir)?;
         let templates = cfg
             .templates()
@@ -93,7 +106,7 @@ impl<R: Runtime> Service<R> {
                 State::Deleted => {}
                 State::Deleting => {
                     if let Some(h) = &r.runtime {
-                        if let Err(e) = stop_and_teardown(&runtime, h).await {
+                        if let Err(e) = stop_and_teardown(&runtime, &dataplane, &r.id, h).await {
                             tracing::warn!(sandbox = %r.id, error = %e, "cannot finish a deletion");
                             r.status_reason = Some(format!("deletion failed: {e}"));
                             store.put_sandbox(&r)?;
@@ -112,10 +125,25 @@ impl<R: Runtime> Service<R> {
                             r.state = State::Running;
                         }
                         tracing::info!(sandbox = %r.id, state = r.state.as_str(), "re-adopted");
+                        if let Some(h) = &r.runtime {
+                            match dataplane.adopt(&r.id, &h.network, &r.network_policy).await {
+                                Ok(()) => r.status_reason = None,
+                                Err(e) => {
+                                    // The pinned filter keeps enforcing; without
+                                    // listeners TCP is dropped (fail closed).
+                                    tracing::error!(sandbox = %r.id, error = %e, "cannot re-adopt the data plane");
+                                    r.status_reason =
+                                        Some(format!("data plane not re-adopted: {e}"));
+                                }
+                            }
+                        }
                     } else {
                         let released = match &r.runtime {
-                            Some(h) => stop_and_teardown(&runtime, h).await,
-                            None => release_and_teardown(&runtime, &cfg, &r.id, r.slot).await,
+                            Some(h) => stop_and_teardown(&runtime, &dataplane, &r.id, h).await,
+                            None => {
+                                release_and_teardown(&runtime, &dataplane, &cfg, &r.id, r.slot)
+                                    .await
+                            }
                         };
                         if let Err(e) = released {
                             tracing::warn!(sandbox = %r.id, error = %e, "cannot release a lost sandbox");
@@ -149,6 +177,8 @@ impl<R: Runtime> Service<R> {
             templates,
             store,
             runtime,
+            dataplane,
+            policy_updates: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner {
                 sandboxes,
                 snapshots,
@@ -330,17 +360,23 @@ impl<R: Runtime> Service<R> {
             memory_mib,
         };
         let started = async {
-            let network = net::setup(&self.net_plan(), &spec.id, spec.slot).await?;
-            // eBPF attach goes here
-            match self.runtime.start(&spec, &network).await {
-                Ok(handle) => Ok(handle),
-                Err(e) => {
-                    if let Err(te) = net::teardown(&network).await {
-                        tracing::warn!(sandbox = %spec.id, error = %te, "failed start: network teardown");
-                    }
-                    Err(e)
+            let network = net::setup(&self.net_plan(), &spec.id, spec.slot)
+                .await
+                .map_err(RuntimeError::from)?;
+            // Enforcement is in place before the sandbox's first process runs.
+            let attached = match self.dataplane.attach(&spec.id, &network, &record.network_policy).await {
+                Ok(()) => self.runtime.start(&spec, &network).await.map_err(ServiceError::from),
+                Err(e) => Err(ServiceError::from(e)),
+            };
+            if attached.is_err() {
+                if let Err(e) = self.dataplane.detach(&spec.id).await {
+                    tracing::warn!(sandbox = %spec.id, error = %e, "failed start: data plane detach");
+                }
+                if let Err(te) = net::teardown(&network).await {
+                    tracing::warn!(sandbox = %spec.id, error = %te, "failed start: network teardown");
                 }
             }
+            attached
         }
         .await;
         match started {
@@ -452,7 +488,7 @@ impl<R: Runtime> Service<R> {
             State::Deleting,
         )?;
         if let Some(h) = &before.runtime {
-            if let Err(e) = stop_and_teardown(&self.runtime, h).await {
+            if let Err(e) = stop_and_teardown(&self.runtime, &self.dataplane, id, h).await {
                 let mut inner = self.lock();
                 if let Some(r) = inner.sandboxes.get_mut(id) {
                     r.status_reason = Some(format!("deletion failed: {e}"));
@@ -466,6 +502,7 @@ impl<R: Runtime> Service<R> {
             inner.slots.remove(&r.slot);
         }
         self.store.delete_sandbox(id)?;
+        self.dataplane.events().remove(id);
         tracing::info!(sandbox = %id, org, "sandbox deleted");
         Ok(())
     }
@@ -571,31 +608,85 @@ impl<R: Runtime> Service<R> {
         Ok(snap)
     }
 
-    /// `PUT /v1/sandbox/{id}/network_policy`: validated and stored atomically.
-    pub fn set_policy(
+    /// `PUT /v1/sandbox/{id}/network_policy`: the data plane switches to the
+    /// new policy atomically, then it is stored. A failure leaves both at the
+    /// old policy.
+    pub async fn set_policy(
         &self,
         org: &str,
         id: &str,
         policy: NetworkPolicy,
     ) -> Result<SandboxRecord, ServiceError> {
-        let mut inner = self.lock();
-        let r = inner
-            .sandboxes
-            .get_mut(id)
-            .filter(|r| r.org == org)
-            .ok_or(ServiceError::NotFound("sandbox"))?;
-        if !r.state.is_live() || r.state == State::Deleting {
+        let _serial = self.policy_updates.lock().await;
+        let current = self.get(org, id)?;
+        if !current.state.is_live()
+            || current.state == State::Deleting
+            || current.state == State::Starting
+        {
+            return Err(ServiceError::Conflict(format!(
+                "sandbox is {}",
+                current.state.as_str()
+            )));
+        }
+        if current.runtime.is_some() {
+            self.dataplane.set_policy(id, &policy).await?;
+        }
+        let stored = {
+            let mut inner = self.lock();
+            let r = inner
+                .sandboxes
+                .get_mut(id)
+                .ok_or(ServiceError::NotFound("sandbox"))?;
+            let mut updated = r.clone();
+            updated.network_policy = policy;
+            self.store.put_sandbox(&updated).map(|()| {
+                *r = updated.clone();
+                updated
+            })
+        };
+        match stored {
+            Ok(updated) => {
+                tracing::info!(sandbox = %id, org, mode = ?updated.network_policy.mode, "network policy updated");
+                Ok(updated)
+            }
+            Err(e) => {
+                // Keep the data plane and the record in agreement.
+                if current.runtime.is_some() {
+                    if let Err(de) = self.dataplane.set_policy(id, &current.network_policy).await {
+                        tracing::error!(sandbox = %id, error = %de, "cannot restore the old policy after a store failure");
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The sandbox's newest network events (`seq > after`, at most `limit`).
+    pub fn network_events(
+        &self,
+        org: &str,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<NetEvent>, ServiceError> {
+        self.get(org, id)?;
+        Ok(self.dataplane.events().list(id, after, limit))
+    }
+
+    /// Packets per eBPF verdict since the sandbox's filter was attached.
+    pub fn network_counters(
+        &self,
+        org: &str,
+        id: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>, ServiceError> {
+        let r = self.get(org, id)?;
+        if r.runtime.is_none() {
             return Err(ServiceError::Conflict(format!(
                 "sandbox is {}",
                 r.state.as_str()
             )));
         }
-        let mut updated = r.clone();
-        updated.network_policy = policy;
-        self.store.put_sandbox(&updated)?;
-        *r = updated.clone();
-        tracing::info!(sandbox = %id, org, mode = ?updated.network_policy.mode, "network policy updated");
-        Ok(updated)
+        Ok(self.dataplane.counters(id)?)
     }
 
     /// `POST /v1/sandbox/{id}/process/execute`.
@@ -677,21 +768,34 @@ impl<R: Runtime> Service<R> {
     }
 }
 
-/// Stops a sandbox's processes, then removes its network.
-async fn stop_and_teardown<R: Runtime>(runtime: &R, h: &RuntimeHandle) -> Result<(), RuntimeError> {
+/// Stops a sandbox's processes, detaches its data plane, then removes its
+/// network.
+async fn stop_and_teardown<R: Runtime>(
+    runtime: &R,
+    dataplane: &Dataplane,
+    id: &str,
+    h: &RuntimeHandle,
+) -> Result<(), ServiceError> {
     runtime.stop(h).await?;
-    Ok(net::teardown(&h.network).await?)
+    dataplane.detach(id).await?;
+    net::teardown(&h.network)
+        .await
+        .map_err(RuntimeError::from)?;
+    Ok(())
 }
 
 /// Releases what an interrupted start of sandbox `id` on `slot` left behind
 /// (processes, then network), without a runtime handle.
 async fn release_and_teardown<R: Runtime>(
     runtime: &R,
+    dataplane: &Dataplane,
     cfg: &Config,
     id: &str,
     slot: u32,
-) -> Result<(), RuntimeError> {
+) -> Result<(), ServiceError> {
     runtime.release(id, slot).await?;
-    let info = net::info_for(&NetPlan::from(&cfg.network), id, slot)?;
-    Ok(net::teardown(&info).await?)
+    dataplane.detach(id).await?;
+    let info = net::info_for(&NetPlan::from(&cfg.network), id, slot).map_err(RuntimeError::from)?;
+    net::teardown(&info).await.map_err(RuntimeError::from)?;
+    Ok(())
 }

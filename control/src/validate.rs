@@ -522,6 +522,45 @@ impl ListQuery {
     }
 }
 
+/// Query of `GET /v1/sandbox/{id}/network/events`.
+#[derive(Debug, Clone)]
+pub struct EventsQuery {
+    /// Only events with a larger sequence number.
+    pub after: u64,
+    /// At most this many (the newest), 1..=1000.
+    pub limit: usize,
+}
+
+impl EventsQuery {
+    /// Parses `after` and `limit`.
+    pub fn parse(query: Option<&str>) -> Result<Self, Vec<FieldError>> {
+        let mut q = Self {
+            after: 0,
+            limit: 100,
+        };
+        let mut errors = Vec::new();
+        for pair in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "after" => match v.parse::<u64>() {
+                    Ok(n) => q.after = n,
+                    Err(_) => errors.push(err("after", "must be a non-negative integer")),
+                },
+                "limit" => match v.parse::<usize>() {
+                    Ok(n) if (1..=1000).contains(&n) => q.limit = n,
+                    _ => errors.push(err("limit", "must be an integer between 1 and 1000")),
+                },
+                other => errors.push(err(other, "is not a known query parameter")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(q)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

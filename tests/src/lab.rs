@@ -232,7 +232,10 @@ impl Lab {
     }
 
     fn start_host_canary(&mut self) {
-        for any in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+        for any in [
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ] {
             let ns = self.host_ns.clone();
             let (listener, udp) = in_netns(&ns, move || {
                 let addr = SocketAddr::new(any, HOST_PORT);
@@ -247,7 +250,8 @@ impl Lab {
                 t.listen(128).expect("listen");
                 t.set_nonblocking(true).expect("nonblocking");
                 u.bind(&addr.into()).expect("bind host canary udp");
-                u.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+                u.set_read_timeout(Some(Duration::from_millis(100)))
+                    .expect("timeout");
                 (TcpListener::from(t), UdpSocket::from(u))
             });
             let (stop, seen) = (self.stop.clone(), self.host_canary.seen.clone());
@@ -257,7 +261,12 @@ impl Lab {
                         Ok((c, peer)) => {
                             let dst = c.local_addr().map(|a| a.ip()).unwrap_or(any);
                             if let Ok(mut v) = seen.lock() {
-                                v.push(Seen { proto: 6, src: peer.ip(), dst, dport: HOST_PORT });
+                                v.push(Seen {
+                                    proto: 6,
+                                    src: peer.ip(),
+                                    dst,
+                                    dport: HOST_PORT,
+                                });
                             }
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -270,7 +279,12 @@ impl Lab {
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = udp.recv_from(&mut b) {
                         if let Ok(mut v) = seen.lock() {
-                            v.push(Seen { proto: 17, src: from.ip(), dst: any, dport: HOST_PORT });
+                            v.push(Seen {
+                                proto: 17,
+                                src: from.ip(),
+                                dst: any,
+                                dport: HOST_PORT,
+                            });
                         }
                         let _ = udp.send_to(&b[..n], from);
                     }
@@ -361,24 +375,29 @@ impl Lab {
                 }));
             }
         }
+        // One UDP socket per canary address and port, so that replies leave
+        // from the address the client sent to (NAT on the way back needs it).
+        let addrs: [IpAddr; 7] = [
+            IpAddr::V4(PUBLIC4),
+            IpAddr::V4(PRIVATE4),
+            IpAddr::V4(METADATA4),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
+            IpAddr::V6(PUBLIC6),
+            IpAddr::V6(PRIVATE6),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 2)),
+        ];
         for port in UDP_PORTS {
-            for any in [
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            ] {
+            for addr in addrs {
                 let stop = self.stop.clone();
                 let ns = self.up_ns.clone();
                 let sock = in_netns(&ns, move || {
                     let s = Socket::new(
-                        Domain::for_address(SocketAddr::new(any, port)),
+                        Domain::for_address(SocketAddr::new(addr, port)),
                         Type::DGRAM,
                         None,
                     )
                     .expect("socket");
-                    if any.is_ipv6() {
-                        s.set_only_v6(true).expect("v6only");
-                    }
-                    s.bind(&SocketAddr::new(any, port).into())
+                    s.bind(&SocketAddr::new(addr, port).into())
                         .expect("bind canary udp");
                     s.set_read_timeout(Some(Duration::from_millis(100)))
                         .expect("timeout");
@@ -431,8 +450,11 @@ fn parse(p: &[u8]) -> Option<Seen> {
         }
         _ => return None,
     };
-    // Neighbour discovery and MLD are link chatter, not contacts.
+    // Neighbour discovery, MLD and other multicast are link chatter, not contacts.
     if proto == 58 && matches!(l4.first(), Some(130..=137) | Some(143)) {
+        return None;
+    }
+    if dst.is_multicast() || dst == IpAddr::V4(Ipv4Addr::BROADCAST) {
         return None;
     }
     let dport = match proto {

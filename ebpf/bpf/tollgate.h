@@ -1,0 +1,142 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * tollgate.h — the whole C/Rust ABI of tollgate's eBPF layer: constants, map
+ * keys and values. `ebpf/src/abi.rs` mirrors every item here and asserts the
+ * sizes; change both in the same commit and bump TG_ABI_VERSION when a layout
+ * or a meaning changes (pinned maps of an older ABI are then refused).
+ */
+#ifndef TOLLGATE_H
+#define TOLLGATE_H
+
+#include <linux/types.h>
+
+/* Stored in tg_net.abi_version; `Filter::open_pinned` refuses a mismatch. */
+#define TG_ABI_VERSION 1
+
+/* ---- policy ---------------------------------------------------------- */
+
+/* tg_config.mode. UNSET (an all-zero map value) fails closed. */
+enum tg_mode {
+	TG_MODE_UNSET = 0,
+	TG_MODE_ALLOW_ALL = 1,
+	TG_MODE_DENY_ALL = 2,
+	TG_MODE_CUSTOM = 3,
+};
+
+/* Value of the floor tries: FLOOR is denied in every mode, PRIVATE only
+ * matters in allow-all (reachable for UDP/ICMP only through allow_cidrs). */
+enum tg_class {
+	TG_CLASS_FLOOR = 1,
+	TG_CLASS_PRIVATE = 2,
+};
+
+/* Value of the allow tries (any non-zero value means "listed"). */
+#define TG_ALLOW 1
+
+/* tg_net.flags */
+#define TG_NET_HAS_V6 (1u << 0)
+
+/* skb->mark bits owned by tollgate. LOCAL: the router's
+ * `fwmark 0x1/0x1 lookup 100` rule delivers the (sk_assigned) packet locally.
+ * FORWARD: the router's nftables forward chain accepts only packets with it. */
+#define TG_MARK_LOCAL 0x1u
+#define TG_MARK_FORWARD 0x2u
+#define TG_MARK_MASK (TG_MARK_LOCAL | TG_MARK_FORWARD)
+
+/* Keys of tg_listeners (the proxy's transparent listeners). */
+#define TG_LISTENER_V4 0
+#define TG_LISTENER_V6 1
+#define TG_LISTENER_MAX 2
+
+/* Capacities. Two generations share each trie (see tg_lpm_v4). */
+#define TG_GENERATIONS 2
+#define TG_FLOOR_MAX 1024 /* floor + private prefixes per family and generation */
+#define TG_ALLOW_MAX 256  /* allow_cidrs prefixes per family and generation */
+#define TG_EVENTS_BYTES (256 * 1024)
+
+/* ---- verdicts --------------------------------------------------------- */
+
+/* Why a packet passed or was dropped: the index of tg_counters and
+ * tg_event.reason. Passes come first; every value >= TG_FIRST_DROP drops. */
+enum tg_reason {
+	TG_PASS_LOCAL = 0,	 /* ARP, NDP, DNS / echo to the gateway */
+	TG_PASS_CIDR = 1,	 /* destination in allow_cidrs (mark FORWARD) */
+	TG_PASS_PUBLIC = 2,	 /* allow-all UDP / echo to a public address (mark FORWARD) */
+	TG_STEERED = 3,		 /* TCP assigned to the proxy's listener (mark LOCAL) */
+	TG_DROP_L2 = 4,		 /* VLAN / QinQ / non-IP ethertype */
+	TG_DROP_MALFORMED = 5,	 /* truncated or inconsistent headers */
+	TG_DROP_FRAGMENT = 6,	 /* IPv4 fragment or IPv6 fragment header */
+	TG_DROP_IP_OPTIONS = 7,	 /* IPv4 header with options */
+	TG_DROP_EXT_HDR = 8,	 /* IPv6 extension header (hop-by-hop, routing, ...) */
+	TG_DROP_IPV6_DISABLED = 9, /* IPv6 on a sandbox without IPv6 */
+	TG_DROP_SPOOF = 10,	 /* source is not the sandbox's address */
+	TG_DROP_L4_PROTO = 11,	 /* not TCP / UDP / ICMP(v6) */
+	TG_DROP_ICMP_TYPE = 12,	 /* ICMP other than echo (and NDP) */
+	TG_DROP_GATEWAY_PORT = 13, /* to the gateway, not DNS or echo */
+	TG_DROP_FLOOR = 14,	 /* destination in the floor */
+	TG_DROP_DENY_ALL = 15,	 /* deny-all mode */
+	TG_DROP_PRIVATE = 16,	 /* allow-all UDP / echo to a private range */
+	TG_DROP_QUIC = 17,	 /* allow-all UDP to port 443 */
+	TG_DROP_NOT_ALLOWED = 18, /* custom mode UDP / echo outside allow_cidrs */
+	TG_DROP_NO_LISTENER = 19, /* TCP to steer but no proxy listener (fail closed) */
+	TG_DROP_ASSIGN_FAILED = 20, /* bpf_sk_assign refused the listener */
+	TG_DROP_NO_CONFIG = 21,	 /* maps not filled / ABI mismatch (fail closed) */
+	TG_REASON_MAX = 22,
+};
+#define TG_FIRST_DROP TG_DROP_L2
+
+/* tg_counters has one slot per reason plus this one. */
+#define TG_COUNTER_EVENTS_LOST TG_REASON_MAX
+#define TG_COUNTERS (TG_REASON_MAX + 1)
+
+/* ---- map keys and values ---------------------------------------------- */
+
+/* tg_net[0]: the sandbox's link, written once at attach. Addresses are in
+ * network byte order. */
+struct tg_net {
+	__u32 abi_version;
+	__u32 flags;
+	__u8 guest_v4[4];
+	__u8 gateway_v4[4];
+	__u8 guest_v6[16];
+	__u8 gateway_v6[16];
+}; /* 48 bytes */
+
+/* tg_config[generation] */
+struct tg_config {
+	__u32 mode;
+	__u32 flags; /* reserved, 0 */
+}; /* 8 bytes */
+
+/* Keys of the generation-indexed LPM tries. The generation is part of the
+ * matched data: `prefixlen` counts its 32 bits plus the address prefix, so a
+ * lookup with generation G only ever matches entries written for G. */
+struct tg_lpm_v4 {
+	__u32 prefixlen;
+	__u32 gen;
+	__u8 addr[4];
+}; /* 12 bytes */
+
+struct tg_lpm_v6 {
+	__u32 prefixlen;
+	__u32 gen;
+	__u8 addr[16];
+}; /* 24 bytes */
+
+#define TG_GEN_BITS 32
+
+/* One ring-buffer record per dropped packet. Ports are in host byte order;
+ * for ICMP / ICMPv6, dport holds the type and sport the code. family is 4, 6,
+ * or 0 for an L2 drop (then only ethertype is set). */
+struct tg_event {
+	__u32 reason;
+	__u16 ethertype;
+	__u8 family;
+	__u8 proto;
+	__u16 dport;
+	__u16 sport;
+	__u8 dst[16]; /* IPv4 in the first 4 bytes */
+	__u8 src[16];
+}; /* 44 bytes */
+
+#endif /* TOLLGATE_H */

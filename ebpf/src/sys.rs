@@ -1,0 +1,110 @@
+//! The crate's only `unsafe`: `aya::Pod` for the ABI structs and the two
+//! bpf(2) commands aya does not expose for links (`BPF_OBJ_GET` returning a
+//! plain descriptor, `BPF_LINK_DETACH`), and registering the event reader
+//! with tokio.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::abi::{Config, LpmV4, LpmV6, NetConfig, RawEvent};
+use crate::events::EventReader;
+
+// SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte
+// arrays with no padding (sizes asserted in abi.rs), so every bit pattern is
+// a valid value and the kernel may read or write them as raw bytes.
+unsafe impl aya::Pod for NetConfig {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LpmV4 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LpmV6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RawEvent {}
+
+/// `BPF_OBJ_GET` from `enum bpf_cmd`.
+const BPF_OBJ_GET: libc::c_long = 7;
+/// `BPF_LINK_DETACH` from `enum bpf_cmd`.
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// The `link_detach` member of `union bpf_attr`.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// The `BPF_OBJ_*` member of `union bpf_attr` (without `path_fd`).
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Opens the BPF object (map, program or link) pinned at `path`.
+pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a pin path"))?;
+    let attr = ObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(BPF_OBJ_GET) reads `size_of::<ObjAttr>()` bytes from a
+    // live #[repr(C)] value whose `pathname` points at a NUL-terminated
+    // string that outlives the call; it writes no user memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjAttr,
+            std::mem::size_of::<ObjAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success BPF_OBJ_GET returns a new descriptor that nothing
+    // else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as libc::c_int) })
+}
+
+/// Detaches a BPF link from its hook even while other descriptors or pins
+/// still reference it (they then hold a defunct link).
+pub(crate) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    // SAFETY: bpf(BPF_LINK_DETACH) reads `size_of::<LinkDetachAttr>()` bytes
+    // from a pointer to a live, initialised, #[repr(C)] value; the kernel
+    // zero-extends the rest of `union bpf_attr`. No memory is written.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const LinkDetachAttr,
+            std::mem::size_of::<LinkDetachAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Registers `reader` with the tokio reactor (must run inside a runtime).
+pub(crate) fn register_async(reader: EventReader) -> io::Result<AsyncFd<EventReader>> {
+    // SAFETY: `EventReader` owns its ring-buffer descriptor (an `OwnedFd`
+    // inside aya's `MapData`), never replaces it, and `as_raw_fd` always
+    // returns it; the `AsyncFd` owns the reader, so the descriptor stays open
+    // and the same for the registration's whole lifetime.
+    unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }.map_err(io::Error::from)
+}
