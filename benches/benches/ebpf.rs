@@ -1,0 +1,322 @@
+//! eBPF layer benches (root): per-sandbox attach + detach time with 1, 100
+//! and 1,000 sandboxes attached, and TCP throughput sandbox → host through the
+//! program (allow_cidrs pass and proxy steering) against the same path
+//! without it, measured in the same run.
+//!
+//! To try it: `sudo -E env "PATH=$PATH" cargo bench -p tollgate-benches --bench ebpf`
+//! (`TOLLGATE_BENCH_QUICK=1` for a shorter run).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tollgate_benches::{
+    in_netns, ip, ip_batch, median, ms, percentile, print_summary, require_root, Figure, Target,
+};
+use tollgate_ebpf::{EgressPolicy, Filter, FloorSet, Mode, SandboxNet};
+
+const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const SINK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const STEERED_DST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+
+fn quick() -> bool {
+    std::env::var("TOLLGATE_BENCH_QUICK").is_ok_and(|v| v == "1")
+}
+
+fn snet() -> SandboxNet {
+    SandboxNet::v4(GUEST, GATEWAY)
+}
+
+fn policy_with_sink() -> EgressPolicy {
+    EgressPolicy {
+        mode: Mode::Custom,
+        allow_v4: vec!["198.51.100.0/24".parse().expect("net")],
+        allow_v6: vec![],
+    }
+}
+
+fn pin_root() -> PathBuf {
+    PathBuf::from(format!(
+        "{}/bench-{}",
+        tollgate_ebpf::PIN_ROOT,
+        std::process::id()
+    ))
+}
+
+/// Namespaces `tgb-<pid>-<i>` each holding a veth pair `tgb<i>` / `tgp<i>`.
+struct Fleet {
+    names: Vec<String>,
+}
+
+impl Fleet {
+    fn new(n: usize) -> Self {
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("tgb-{}-{i}", std::process::id()))
+            .collect();
+        let mut script = String::new();
+        for ns in &names {
+            script.push_str(&format!("netns add {ns}\n"));
+        }
+        ip_batch(&script);
+        let mut script = String::new();
+        for (i, ns) in names.iter().enumerate() {
+            script.push_str(&format!(
+                "link add tgb{i} netns {ns} type veth peer name tgp{i} netns {ns}\n"
+            ));
+        }
+        ip_batch(&script);
+        Self { names }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let mut script = String::new();
+        for ns in &self.names {
+            script.push_str(&format!("netns del {ns}\n"));
+        }
+        ip_batch(&script);
+    }
+}
+
+/// Attach + detach per sandbox while `n` sandboxes are attached.
+fn attach_detach(n: usize) -> (Vec<f64>, Vec<f64>) {
+    let fleet = Fleet::new(n);
+    let root = pin_root();
+    let floor = FloorSet::platform();
+    let mut filters = Vec::with_capacity(n);
+    let mut attach = Vec::with_capacity(n);
+    for (i, ns) in fleet.names.iter().enumerate() {
+        let t = Instant::now();
+        let f = Filter::attach(
+            &root.join(ns),
+            &PathBuf::from(format!("/run/netns/{ns}")),
+            &format!("tgb{i}"),
+            &snet(),
+            &floor,
+            &policy_with_sink(),
+        )
+        .expect("attach");
+        attach.push(ms(t.elapsed()));
+        filters.push(f);
+    }
+    let mut detach = Vec::with_capacity(n);
+    for f in filters {
+        let t = Instant::now();
+        f.detach().expect("detach");
+        detach.push(ms(t.elapsed()));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    (attach, detach)
+}
+
+/// sandbox ns ⇄ veth ⇄ router ns: the sink lives on the router's lo; steered
+/// connections land on a transparent listener in the router.
+struct Pair {
+    s: String,
+    r: String,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let p = Self {
+            s: format!("tgb-s-{}", std::process::id()),
+            r: format!("tgb-r-{}", std::process::id()),
+        };
+        for ns in [&p.s, &p.r] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&[
+            "-n", &p.s, "link", "add", "eth0", "type", "veth", "peer", "name", "tgs0", "netns",
+            &p.r,
+        ]);
+        ip(&["-n", &p.s, "addr", "add", "10.0.2.15/24", "dev", "eth0"]);
+        ip(&["-n", &p.r, "addr", "add", "10.0.2.2/24", "dev", "tgs0"]);
+        ip(&["-n", &p.r, "addr", "add", "198.51.100.1/32", "dev", "lo"]);
+        ip(&["-n", &p.s, "link", "set", "eth0", "up"]);
+        ip(&["-n", &p.r, "link", "set", "tgs0", "up"]);
+        ip(&["-n", &p.s, "route", "add", "default", "via", "10.0.2.2"]);
+        ip(&[
+            "-n", &p.r, "rule", "add", "fwmark", "0x1/0x1", "lookup", "100",
+        ]);
+        ip(&[
+            "-n",
+            &p.r,
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ]);
+        p
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.s, &self.r] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
+        }
+    }
+}
+
+/// Bytes/s of one TCP stream of `bytes` from the sandbox to `dst`, received
+/// by `listener` in the router namespace.
+fn stream(pair: &Pair, listener: &TcpListener, dst: SocketAddr, bytes: usize) -> f64 {
+    let l = listener.try_clone().expect("clone listener");
+    let sink = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0usize;
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        total
+    });
+    let t = in_netns(&pair.s, move || {
+        let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect");
+        let chunk = vec![7u8; 1 << 16];
+        let start = Instant::now();
+        let mut sent = 0;
+        while sent < bytes {
+            c.write_all(&chunk).expect("write");
+            sent += chunk.len();
+        }
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut b = [0u8; 1];
+        let _ = c.read(&mut b);
+        start.elapsed()
+    });
+    let got = sink.join().expect("sink");
+    assert!(got >= bytes, "sink got {got} of {bytes} bytes");
+    bytes as f64 / t.as_secs_f64()
+}
+
+fn throughput() -> Vec<Figure> {
+    let pair = Pair::new();
+    let bytes = if quick() { 128 << 20 } else { 512 << 20 };
+    let rounds = if quick() { 3 } else { 5 };
+    // The sink (plain) and the proxy's transparent listener, both in the router.
+    let sink = in_netns(&pair.r, || {
+        TcpListener::bind((SINK, 5001)).expect("bind sink")
+    });
+    let proxy = in_netns(&pair.r, || {
+        let s = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 15001)).expect("bind proxy");
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpTransparent, &true)
+            .expect("IP_TRANSPARENT");
+        s
+    });
+    let proxy6 = in_netns(&pair.r, || {
+        let s = std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, 15002))
+            .expect("bind proxy v6");
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpTransparent, &true)
+            .expect("IP_TRANSPARENT");
+        s
+    });
+    let root = pin_root();
+    let mut direct = Vec::new();
+    let mut pass = Vec::new();
+    let mut steered = Vec::new();
+    for _ in 0..rounds {
+        direct.push(stream(&pair, &sink, SocketAddr::from((SINK, 5001)), bytes));
+        let mut f = Filter::attach(
+            &root.join("pair"),
+            &PathBuf::from(format!("/run/netns/{}", pair.r)),
+            "tgs0",
+            &snet(),
+            &FloorSet::platform(),
+            &policy_with_sink(),
+        )
+        .expect("attach");
+        f.set_listeners(proxy.as_fd(), Some(proxy6.as_fd()))
+            .expect("listeners");
+        pass.push(stream(&pair, &sink, SocketAddr::from((SINK, 5001)), bytes));
+        steered.push(stream(
+            &pair,
+            &proxy,
+            SocketAddr::from((STEERED_DST, 443)),
+            bytes,
+        ));
+        f.detach().expect("detach");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    let mib = |v: Vec<f64>| median(v) / (1 << 20) as f64;
+    let d = mib(direct);
+    vec![
+        Figure {
+            name: "tcp_throughput_sandbox_to_host_allow_cidr_pass".into(),
+            value: mib(pass),
+            baseline: Some(d),
+            unit: "MiB/s",
+            target: Target::MinRatio(0.95),
+        },
+        Figure {
+            name: "tcp_throughput_sandbox_to_proxy_listener_steered".into(),
+            value: mib(steered),
+            baseline: Some(d),
+            unit: "MiB/s",
+            target: Target::MinRatio(0.95),
+        },
+    ]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument selects nothing here.
+    require_root();
+    tollgate_ebpf::ensure_bpffs().expect("bpffs");
+    let mut figures = Vec::new();
+    let scales: &[usize] = if quick() { &[1, 100] } else { &[1, 100, 1000] };
+    for &n in scales {
+        eprintln!("ebpf: attach + detach with {n} sandboxes ...");
+        let (a, d) = attach_detach(n);
+        figures.push(Figure {
+            name: format!("ebpf_attach_x{n}_p50"),
+            value: percentile(a.clone(), 50.0),
+            baseline: None,
+            unit: "ms",
+            target: Target::MaxValue(5.0),
+        });
+        figures.push(Figure {
+            name: format!("ebpf_attach_x{n}_p99"),
+            value: percentile(a, 99.0),
+            baseline: None,
+            unit: "ms",
+            target: Target::MaxValue(5.0),
+        });
+        figures.push(Figure {
+            name: format!("ebpf_detach_x{n}_p50"),
+            value: percentile(d.clone(), 50.0),
+            baseline: None,
+            unit: "ms",
+            target: Target::MaxValue(5.0),
+        });
+        figures.push(Figure {
+            name: format!("ebpf_detach_x{n}_p99"),
+            value: percentile(d, 99.0),
+            baseline: None,
+            unit: "ms",
+            target: Target::MaxValue(5.0),
+        });
+    }
+    eprintln!("ebpf: TCP throughput with and without the program ...");
+    figures.extend(throughput());
+    print_summary(
+        "eBPF layer (ratios against the same path without the program, same run)",
+        &figures,
+    );
+}
