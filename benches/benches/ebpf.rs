@@ -86,6 +86,7 @@ impl Drop for Fleet {
 fn attach_detach(n: usize) -> (Vec<f64>, Vec<f64>) {
     let fleet = Fleet::new(n);
     let root = pin_root();
+    let _pins = Pins(root.clone());
     let floor = FloorSet::platform();
     let mut filters = Vec::with_capacity(n);
     let mut attach = Vec::with_capacity(n);
@@ -109,7 +110,6 @@ fn attach_detach(n: usize) -> (Vec<f64>, Vec<f64>) {
         f.detach().expect("detach");
         detach.push(ms(t.elapsed()));
     }
-    let _ = std::fs::remove_dir_all(&root);
     (attach, detach)
 }
 
@@ -229,6 +229,7 @@ fn throughput() -> Vec<Figure> {
         s
     });
     let root = pin_root();
+    let _pins = Pins(root.clone());
     let mut direct = Vec::new();
     let mut pass = Vec::new();
     let mut steered = Vec::new();
@@ -254,7 +255,6 @@ fn throughput() -> Vec<Figure> {
         ));
         f.detach().expect("detach");
     }
-    let _ = std::fs::remove_dir_all(&root);
     let mib = |v: Vec<f64>| median(v) / (1 << 20) as f64;
     let d = mib(direct);
     vec![

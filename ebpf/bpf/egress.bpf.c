@@ -33,17 +33,11 @@
 #include <bpf/bpf_endian.h>
 
 #include "tollgate.h"
+#include "shared_maps.h"
 
 char LICENSE[] SEC("license") = "Apache-2.0";
 
-/* ---- maps ---------------------------------------------------------------- */
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct tg_net);
-} tg_net SEC(".maps");
+/* ---- maps (tg_net and tg_listeners: shared_maps.h) ------------------------ */
 
 /* tg_active[0]: the generation (0 or 1) that packets are judged with. */
 struct {
@@ -92,15 +86,6 @@ struct {
 	__type(value, __u32);
 } tg_allow_v6 SEC(".maps");
 
-/* The proxy's listeners: TG_LISTENER_V4 / TG_LISTENER_V6. A closed listener
- * leaves the map by itself, so a dead proxy means an empty slot. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, TG_LISTENER_MAX);
-	__type(key, __u32);
-	__type(value, __u32);
-} tg_listeners SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, TG_COUNTERS);
@@ -145,9 +130,6 @@ struct {
 #define NDISC_FIRST_ 133 /* router solicitation */
 #define NDISC_LAST_ 137	 /* redirect */
 
-#define TCP_FLAG_SYN_ 0x02
-#define TCP_FLAG_ACK_ 0x10
-
 #define DNS_PORT 53
 #define QUIC_PORT 443
 
@@ -157,7 +139,6 @@ struct tg_pkt {
 	__u8 proto;
 	__u16 sport; /* host order; ICMP: code */
 	__u16 dport; /* host order; ICMP: type */
-	__u8 tcp_flags;
 	__u8 hop_limit;
 	__u8 src[16];
 	__u8 dst[16];
@@ -320,15 +301,7 @@ static __always_inline int allowed_v6(const __u8 *addr, __u32 gen)
 static __always_inline __u32 load_l4(struct __sk_buff *skb, struct tg_pkt *p, __u32 off,
 				     __u8 icmp_proto)
 {
-	if (p->proto == IPPROTO_TCP) {
-		__u8 th[14];
-
-		if (bpf_skb_load_bytes(skb, off, th, sizeof(th)))
-			return TG_DROP_MALFORMED;
-		p->sport = ((__u16)th[0] << 8) | th[1];
-		p->dport = ((__u16)th[2] << 8) | th[3];
-		p->tcp_flags = th[13];
-	} else if (p->proto == IPPROTO_UDP) {
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
 		__u8 uh[4];
 
 		if (bpf_skb_load_bytes(skb, off, uh, sizeof(uh)))
@@ -350,16 +323,14 @@ static __always_inline __u32 load_l4(struct __sk_buff *skb, struct tg_pkt *p, __
 
 /*
  * Assigns a TCP packet to its socket in the router namespace: an existing
- * flow's socket (established, or a request sock while the handshake
- * completes; a TIME_WAIT sock unless this is a new SYN), else the proxy's
- * listener from tg_listeners. Every socket reference is released.
+ * flow's socket (see below), else the proxy's listener from tg_listeners.
+ * Every socket reference is released.
  */
 static __always_inline __u32 steer_tcp(struct __sk_buff *skb, const struct tg_pkt *p)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk;
 	__u32 slot;
-	int syn = (p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) == TCP_FLAG_SYN_;
 	long err;
 
 	if (p->family == 4) {
@@ -380,14 +351,16 @@ static __always_inline __u32 steer_tcp(struct __sk_buff *skb, const struct tg_pk
 		slot = TG_LISTENER_V6;
 	}
 
-	if (sk) {
-		/* A listener that happens to match the original destination is
-		 * not ours to use; a TIME_WAIT sock would answer a new SYN with an
-		 * ACK instead of handing it to the proxy. */
-		if (sk->state == BPF_TCP_LISTEN || (sk->state == BPF_TCP_TIME_WAIT && syn)) {
-			bpf_sk_release(sk);
-			sk = NULL;
-		}
+	/* A listener that happens to match the original destination is not
+	 * ours to use. Any other socket of the 4-tuple takes the segment: an
+	 * established or closing socket, a request sock (the handshake's last
+	 * ACK) or a TIME_WAIT sock. A SYN that hits TIME_WAIT must go to the
+	 * TIME_WAIT sock too: the kernel then retires it and asks for a
+	 * listener, which lookup.bpf.c provides (assigning the listener here
+	 * would fail: the request sock would duplicate the TIME_WAIT entry). */
+	if (sk && sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		sk = NULL;
 	}
 	if (!sk) {
 		sk = bpf_map_lookup_elem(&tg_listeners, &slot);
@@ -498,9 +471,10 @@ static __always_inline __u32 judge_v4(struct __sk_buff *skb, struct tg_pkt *p,
 		return TG_DROP_FRAGMENT;
 	if (ip.ihl != 5)
 		return TG_DROP_IP_OPTIONS;
+	/* Ports first so that a spoof event still names them. */
+	r = load_l4(skb, p, ETH_HLEN + sizeof(ip), IPPROTO_ICMP);
 	if (!addr4_eq(p->src, net->guest_v4))
 		return TG_DROP_SPOOF;
-	r = load_l4(skb, p, ETH_HLEN + sizeof(ip), IPPROTO_ICMP);
 	if (r != TG_PASS_LOCAL)
 		return r;
 	return decide(skb, p, net, cfg, gen);
@@ -587,8 +561,13 @@ static __always_inline __u32 judge(struct __sk_buff *skb, struct tg_pkt *p)
 		return TG_DROP_MALFORMED;
 	p->ethertype = ((__u16)eth[12] << 8) | eth[13];
 
-	/* A tag carried out of band (VLAN offload) or in the frame. */
-	if (skb->vlan_present || p->ethertype == ETH_P_8021Q_ || p->ethertype == ETH_P_8021AD_)
+	/* A tag in the frame, or one the stack already moved out of band (it
+	 * untags before TC ingress): report the tag's protocol. */
+	if (skb->vlan_present) {
+		p->ethertype = bpf_ntohs((__u16)skb->vlan_proto);
+		return TG_DROP_L2;
+	}
+	if (p->ethertype == ETH_P_8021Q_ || p->ethertype == ETH_P_8021AD_)
 		return TG_DROP_L2;
 	if (skb->protocol != bpf_htons(p->ethertype))
 		return TG_DROP_L2;

@@ -92,7 +92,8 @@ enum tg_reason {
 /* ---- map keys and values ---------------------------------------------- */
 
 /* tg_net[0]: the sandbox's link, written once at attach. Addresses are in
- * network byte order. */
+ * network byte order; ifindex is the guest-facing interface's index in the
+ * router namespace. */
 struct tg_net {
 	__u32 abi_version;
 	__u32 flags;
@@ -100,7 +101,9 @@ struct tg_net {
 	__u8 gateway_v4[4];
 	__u8 guest_v6[16];
 	__u8 gateway_v6[16];
-}; /* 48 bytes */
+	__u32 ifindex;
+	__u32 reserved; /* 0 */
+}; /* 56 bytes */
 
 /* tg_config[generation] */
 struct tg_config {

@@ -1,6 +1,6 @@
 //! Rust mirror of `bpf/tollgate.h`: every constant, map key and map value the
 //! program and this crate share. Sizes are asserted at compile time; the
-//! `aya::Pod` impls live in [`crate::sys`].
+//! `aya::Pod` impls live in the crate's one `unsafe` module (`src/sys.rs`).
 
 use std::mem::size_of;
 
@@ -91,8 +91,10 @@ pub mod names {
     ];
 }
 
-/// Name of the program in the object.
-pub const PROGRAM: &str = "tg_egress";
+/// The TC program in `egress.bpf.o`.
+pub const EGRESS_PROGRAM: &str = "tg_egress";
+/// The sk_lookup program in `lookup.bpf.o`.
+pub const LOOKUP_PROGRAM: &str = "tg_lookup";
 
 /// `struct tg_net`: the sandbox's link. Addresses in network byte order.
 #[repr(C)]
@@ -110,6 +112,10 @@ pub struct NetConfig {
     pub guest_v6: [u8; 16],
     /// Gateway IPv6 address (zero without IPv6).
     pub gateway_v6: [u8; 16],
+    /// Index of the guest-facing interface in the router namespace.
+    pub ifindex: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
 }
 
 /// `struct tg_config`: the mode of one generation.
@@ -164,7 +170,7 @@ pub struct RawEvent {
     pub src: [u8; 16],
 }
 
-const _: () = assert!(size_of::<NetConfig>() == 48);
+const _: () = assert!(size_of::<NetConfig>() == 56);
 const _: () = assert!(size_of::<Config>() == 8);
 const _: () = assert!(size_of::<Key<LpmV4>>() == 12);
 const _: () = assert!(size_of::<Key<LpmV6>>() == 24);

@@ -3,8 +3,10 @@
 //!
 //! Pin layout under the pin directory (e.g. `/sys/fs/bpf/tollgate/<id>/`):
 //! one file per map (`tg_net`, `tg_active`, ... see [`crate::abi::names`]),
-//! the program as `prog` and the TCX link as `link`. The link pin is written
-//! last: a directory with a `link` pin holds a complete, attached filter.
+//! the sk_lookup program and its netns link as `lookup_prog` / `lookup_link`,
+//! the TC program as `prog` and its TCX link as `link`. The TCX link pin is
+//! written last: a directory with a `link` pin holds a complete, attached
+//! filter.
 
 use std::fs::File;
 use std::io;
@@ -13,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use aya::programs::links::FdLink;
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
-use aya::EbpfLoader;
+use aya::programs::{LinkOrder, Program, ProgramError, SchedClassifier, SkLookup, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, names};
 use crate::error::EbpfError;
@@ -22,12 +24,16 @@ use crate::events::EventReader;
 use crate::maps::Tables;
 use crate::policy::{CompiledFloor, EgressPolicy, FloorSet, SandboxNet};
 use crate::verdict::Counters;
-use crate::{ensure_bpffs, sys, OBJECT};
+use crate::{ensure_bpffs, sys, EGRESS_OBJECT, LOOKUP_OBJECT};
 
-/// File name of the link pin.
+/// File name of the TCX link pin (written last: the "attached" marker).
 pub const LINK_PIN: &str = "link";
-/// File name of the program pin.
+/// File name of the TC program pin.
 pub const PROG_PIN: &str = "prog";
+/// File name of the sk_lookup (netns) link pin.
+pub const LOOKUP_LINK_PIN: &str = "lookup_link";
+/// File name of the sk_lookup program pin.
+pub const LOOKUP_PROG_PIN: &str = "lookup_prog";
 
 /// An attached egress filter. Dropping it leaves the program attached and
 /// enforcing (everything is pinned); [`Filter::detach`] or [`Filter::remove`]
@@ -36,6 +42,7 @@ pub struct Filter {
     pin_dir: PathBuf,
     tables: Tables,
     link: OwnedFd,
+    lookup_link: OwnedFd,
     net: SandboxNet,
     floor: CompiledFloor,
     policy: EgressPolicy,
@@ -74,86 +81,40 @@ impl Filter {
         policy: &EgressPolicy,
     ) -> Result<Filter, EbpfError> {
         ensure_bpffs()?;
-        let net_abi = net.to_abi()?;
+        let mut net_abi = net.to_abi()?;
         let floor = floor.compile()?;
         let policy = policy.normalized()?;
+        net_abi.ifindex =
+            in_netns(netns, || nix::net::if_::if_nametoindex(ifname))?.map_err(|e| {
+                EbpfError::Io {
+                    what: format!("no interface {ifname} in {}", netns.display()),
+                    source: e.into(),
+                }
+            })?;
         prepare_pin_dir(pin_dir)?;
-
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-        let mut tables = Tables::take(&mut ebpf)?;
-        tables.write_net(&net_abi)?;
-        tables.publish(&floor, &policy)?;
-
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(abi::PROGRAM)
-            .ok_or_else(|| EbpfError::Missing {
-                what: format!("program {} in the object", abi::PROGRAM),
-            })?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                step: "program type".into(),
-                source,
-            })?;
-        prog.load().map_err(|source| EbpfError::Program {
-            step: "load".into(),
-            source,
-        })?;
-
-        let attached = in_netns(netns, || {
-            prog.attach_with_options(
-                ifname,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-        })?;
-        let step = || format!("attach to {ifname} in {}", netns.display());
-        let link_id = attached.map_err(|source| EbpfError::Program {
-            step: step(),
-            source,
-        })?;
-        let link = prog
-            .take_link(link_id)
-            .map_err(|source| EbpfError::Program {
-                step: step(),
-                source,
-            })?;
-        let link: FdLink = link.try_into().map_err(|source| EbpfError::Link {
-            path: pin_dir.join(LINK_PIN),
-            source,
-        })?;
-
-        // Pin maps and program, then the link. Until the link is pinned, the
-        // attach lives only as long as `link`: any failure below detaches.
-        let pinned = (|| {
-            tables.pin(pin_dir)?;
-            let prog_path = pin_dir.join(PROG_PIN);
-            prog.pin(&prog_path).map_err(|source| EbpfError::Pin {
-                path: prog_path,
-                source,
-            })?;
-            let link_path = pin_dir.join(LINK_PIN);
-            link.pin(&link_path).map_err(|source| EbpfError::Pin {
-                path: link_path.clone(),
-                source,
-            })?;
-            sys::obj_get(&link_path)
-                .map_err(EbpfError::io(format!("opening {}", link_path.display())))
-        })();
-        let link = match pinned {
-            Ok(fd) => fd,
+        let attached = Attach {
+            pin_dir,
+            netns,
+            ifname,
+        }
+        .run(&net_abi, &floor, &policy);
+        match attached {
+            Ok((tables, link, lookup_link)) => Ok(Filter {
+                pin_dir: pin_dir.to_path_buf(),
+                tables,
+                link,
+                lookup_link,
+                net: net.clone(),
+                floor,
+                policy,
+            }),
             Err(e) => {
+                // Links die with their descriptors once unpinned: nothing
+                // stays attached.
                 let _ = remove_pins(pin_dir);
-                return Err(e);
+                Err(e)
             }
-        };
-        Ok(Filter {
-            pin_dir: pin_dir.to_path_buf(),
-            tables,
-            link,
-            net: net.clone(),
-            floor,
-            policy,
-        })
+        }
     }
 
     /// Reopens a filter from its pins (after a daemon restart) without
@@ -161,16 +122,8 @@ impl Filter {
     /// floor are read back from the maps.
     pub fn open_pinned(pin_dir: &Path) -> Result<Filter, EbpfError> {
         ensure_bpffs()?;
-        let link_path = pin_dir.join(LINK_PIN);
-        let link = match sys::obj_get(&link_path) {
-            Ok(fd) => fd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(EbpfError::Missing {
-                    what: format!("pinned link {}", link_path.display()),
-                })
-            }
-            Err(e) => return Err(EbpfError::io(format!("opening {}", link_path.display()))(e)),
-        };
+        let link = open_link(&pin_dir.join(LINK_PIN))?;
+        let lookup_link = open_link(&pin_dir.join(LOOKUP_LINK_PIN))?;
         let tables = Tables::open_pinned(pin_dir)?;
         let net = tables.read_net()?;
         if net.abi_version != abi::ABI_VERSION {
@@ -184,6 +137,7 @@ impl Filter {
             pin_dir: pin_dir.to_path_buf(),
             tables,
             link,
+            lookup_link,
             net: SandboxNet::from_abi(&net),
             floor: live.floor,
             policy: live.policy,
@@ -196,7 +150,7 @@ impl Filter {
     }
 
     /// Replaces the policy atomically: every packet is judged entirely by the
-    /// old or entirely by the new one (see [`crate::maps`]). Returns when no
+    /// old or entirely by the new one (see the crate docs, "Atomic updates"). Returns when no
     /// packet is judged by the old one any more.
     pub fn set_policy(&mut self, policy: &EgressPolicy) -> Result<(), EbpfError> {
         let policy = policy.normalized()?;
@@ -274,25 +228,26 @@ impl Filter {
         &self.pin_dir
     }
 
-    /// Detaches the program from the interface and removes every pin; the
-    /// program and maps are freed once the last descriptor closes.
+    /// Detaches both programs (TCX link and netns link) and removes every
+    /// pin; programs and maps are freed once the last descriptor closes.
     pub fn detach(self) -> Result<(), EbpfError> {
-        sys::link_detach(self.link.as_fd()).map_err(EbpfError::io("BPF_LINK_DETACH"))?;
+        sys::link_detach(self.link.as_fd()).map_err(EbpfError::io("BPF_LINK_DETACH (tcx)"))?;
+        sys::link_detach(self.lookup_link.as_fd())
+            .map_err(EbpfError::io("BPF_LINK_DETACH (sk_lookup)"))?;
         remove_pins(&self.pin_dir)
     }
 
-    /// [`Filter::detach`] without an open filter: detaches the pinned link (if
-    /// any) and removes every pin and the directory. Idempotent; a missing
-    /// directory is fine.
+    /// [`Filter::detach`] without an open filter: detaches the pinned links
+    /// (if any) and removes every pin and the directory. Idempotent; a
+    /// missing directory is fine.
     pub fn remove(pin_dir: &Path) -> Result<(), EbpfError> {
-        match sys::obj_get(&pin_dir.join(LINK_PIN)) {
-            Ok(link) => sys::link_detach(link.as_fd()).map_err(EbpfError::io("BPF_LINK_DETACH"))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(EbpfError::io(format!(
-                    "opening {}",
-                    pin_dir.join(LINK_PIN).display()
-                ))(e))
+        for name in [LINK_PIN, LOOKUP_LINK_PIN] {
+            let path = pin_dir.join(name);
+            match sys::obj_get(&path) {
+                Ok(link) => sys::link_detach(link.as_fd())
+                    .map_err(EbpfError::io(format!("BPF_LINK_DETACH {}", path.display())))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EbpfError::io(format!("opening {}", path.display()))(e)),
             }
         }
         remove_pins(pin_dir)
@@ -301,7 +256,7 @@ impl Filter {
 
 /// Names of the TCX ingress programs attached to `ifname` in the network
 /// namespace `netns`, in run order (a health check: tollgate's is
-/// [`abi::PROGRAM`]).
+/// [`abi::EGRESS_PROGRAM`]).
 pub fn tcx_ingress_programs(netns: &Path, ifname: &str) -> Result<Vec<String>, EbpfError> {
     let (_, programs) = in_netns(netns, || {
         SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
@@ -314,6 +269,124 @@ pub fn tcx_ingress_programs(netns: &Path, ifname: &str) -> Result<Vec<String>, E
         .iter()
         .map(|p| p.name_as_str().unwrap_or_default().to_owned())
         .collect())
+}
+
+/// The steps of [`Filter::attach`] after validation; on error the caller
+/// removes whatever was pinned.
+struct Attach<'a> {
+    pin_dir: &'a Path,
+    netns: &'a Path,
+    ifname: &'a str,
+}
+
+impl Attach<'_> {
+    fn run(
+        &self,
+        net: &abi::NetConfig,
+        floor: &CompiledFloor,
+        policy: &EgressPolicy,
+    ) -> Result<(Tables, OwnedFd, OwnedFd), EbpfError> {
+        let Self {
+            pin_dir,
+            netns,
+            ifname,
+        } = *self;
+
+        // Fresh maps, filled before anything is attached.
+        let mut egress = EbpfLoader::new().load(EGRESS_OBJECT)?;
+        let mut tables = Tables::take(&mut egress)?;
+        tables.write_net(net)?;
+        tables.publish(floor, policy)?;
+        tables.pin(pin_dir)?;
+
+        // sk_lookup in the router namespace; it shares tg_net and
+        // tg_listeners through their pins.
+        let mut lookup = EbpfLoader::new()
+            .map_pin_path(names::NET, pin_dir.join(names::NET))
+            .map_pin_path(names::LISTENERS, pin_dir.join(names::LISTENERS))
+            .load(LOOKUP_OBJECT)?;
+        let prog: &mut SkLookup = program(&mut lookup, abi::LOOKUP_PROGRAM)?;
+        prog.load().map_err(prog_err("load sk_lookup"))?;
+        pin_prog(pin_dir.join(LOOKUP_PROG_PIN), |p| prog.pin(p))?;
+        let ns = File::open(netns).map_err(|source| EbpfError::Netns {
+            path: netns.to_path_buf(),
+            source,
+        })?;
+        let id = prog.attach(&ns).map_err(prog_err("attach sk_lookup"))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(prog_err("attach sk_lookup"))?
+            .into();
+        let lookup_link = pin_link(link, &pin_dir.join(LOOKUP_LINK_PIN))?;
+
+        // The TC program, first in the TCX chain, attached from a thread
+        // inside the router namespace (ifindex is namespace-relative).
+        let prog: &mut SchedClassifier = program(&mut egress, abi::EGRESS_PROGRAM)?;
+        prog.load().map_err(prog_err("load tc"))?;
+        pin_prog(pin_dir.join(PROG_PIN), |p| prog.pin(p))?;
+        let step = format!("attach to {ifname} in {}", netns.display());
+        let id = in_netns(netns, || {
+            prog.attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+        })?
+        .map_err(prog_err(&step))?;
+        let link = prog.take_link(id).map_err(prog_err(&step))?;
+        let link: FdLink = link.try_into().map_err(|source| EbpfError::Link {
+            path: pin_dir.join(LINK_PIN),
+            source,
+        })?;
+        let link = pin_link(link, &pin_dir.join(LINK_PIN))?;
+        Ok((tables, link, lookup_link))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| EbpfError::Missing {
+            what: format!("program {name} in the object"),
+        })?
+        .try_into()
+        .map_err(prog_err(&format!("program {name}")))
+}
+
+fn prog_err(step: &str) -> impl FnOnce(ProgramError) -> EbpfError + '_ {
+    move |source| EbpfError::Program {
+        step: step.to_owned(),
+        source,
+    }
+}
+
+fn pin_prog(
+    path: PathBuf,
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), EbpfError> {
+    pin(&path).map_err(|source| EbpfError::Pin { path, source })
+}
+
+/// Pins `link` and returns a descriptor of the pinned link.
+fn pin_link(link: FdLink, path: &Path) -> Result<OwnedFd, EbpfError> {
+    link.pin(path).map_err(|source| EbpfError::Pin {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    sys::obj_get(path).map_err(EbpfError::io(format!("opening {}", path.display())))
+}
+
+/// A descriptor of the link pinned at `path`.
+fn open_link(path: &Path) -> Result<OwnedFd, EbpfError> {
+    match sys::obj_get(path) {
+        Ok(fd) => Ok(fd),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(EbpfError::Missing {
+            what: format!("pinned link {}", path.display()),
+        }),
+        Err(e) => Err(EbpfError::io(format!("opening {}", path.display()))(e)),
+    }
 }
 
 /// Creates `dir`, refusing one with a link pin and clearing leftovers.
@@ -330,7 +403,9 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
 /// Unlinks the pins this crate writes (link first), then the directory if
 /// it is empty. Missing files are fine.
 fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
-    let files = [LINK_PIN, PROG_PIN].into_iter().chain(names::ALL);
+    let files = [LINK_PIN, LOOKUP_LINK_PIN, PROG_PIN, LOOKUP_PROG_PIN]
+        .into_iter()
+        .chain(names::ALL);
     for name in files {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {

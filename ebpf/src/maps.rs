@@ -1,29 +1,8 @@
 //! Typed access to the program's maps, and the generation switch that makes
 //! policy and floor updates atomic.
 //!
-//! # Atomic updates
-//!
-//! Everything a verdict depends on besides the link's addresses — the mode
-//! (`tg_config[gen]`), the floor and private prefixes and allow_cidrs (LPM
-//! keys `{prefixlen, gen, addr}`) — exists in two generations, and
-//! `tg_active[0]` names the live one. The program reads `tg_active` once per
-//! packet and does every lookup with that value, so a packet is judged by one
-//! generation only. An update ([`Tables::publish`]):
-//!
-//! 1. deletes whatever the inactive generation holds (leftovers of an update
-//!    that was interrupted), then writes the new floor, allow_cidrs and mode
-//!    into it. No packet reads it: `tg_active` names the other one.
-//! 2. flips `tg_active` with a single 4-byte array update. Packets that read
-//!    it afterwards see only the complete new generation.
-//! 3. waits until no packet that read the old value is still being judged:
-//!    updating the map-in-map `tg_sync` makes the kernel wait for an RCU
-//!    grace period, and TC programs run inside an RCU read-side section.
-//! 4. deletes the old generation and zeroes its mode (an accidental flip back
-//!    to it would fail closed: `TG_DROP_NO_CONFIG`).
-//!
-//! So every packet is judged entirely by the old or entirely by the new
-//! policy: nothing that neither allows can pass, whatever the interleaving.
-//! Only one writer may update at a time (`&mut self`).
+//! The generation switch is described in the crate docs ("Atomic updates");
+//! [`Tables::publish`] implements it.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -351,8 +330,9 @@ impl Tables {
                 .map_err(EbpfError::map(names::LISTENERS)),
             None => match map.clear_index(&slot) {
                 Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                // An empty sockmap slot answers delete with EINVAL.
                 Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                    if matches!(e.io_error.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) =>
                 {
                     Ok(())
                 }

@@ -91,6 +91,8 @@ impl SandboxNet {
             gateway_v4: self.gateway_v4.octets(),
             guest_v6,
             gateway_v6,
+            ifindex: 0,
+            reserved: 0,
         })
     }
 

@@ -36,7 +36,9 @@ pub struct Daemon {
     keep_state: bool,
 }
 
-/// What a stopped daemon leaves for its restart.
+/// What a stopped daemon leaves for its restart. Dropped without a restart
+/// (a test failed in between), it starts the daemon once more to delete
+/// every sandbox, so no namespace, pin or process outlives the test.
 pub struct Stopped {
     /// State dir.
     pub state_dir: PathBuf,
@@ -44,6 +46,50 @@ pub struct Stopped {
     pub config: PathBuf,
     /// The lab its sandboxes still live in.
     pub lab: Arc<Lab>,
+    armed: bool,
+}
+
+impl Stopped {
+    fn new(state_dir: PathBuf, config: PathBuf, lab: Arc<Lab>) -> Self {
+        Self {
+            state_dir,
+            config,
+            lab,
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) -> (PathBuf, PathBuf, Arc<Lab>) {
+        self.armed = false;
+        (
+            self.state_dir.clone(),
+            self.config.clone(),
+            self.lab.clone(),
+        )
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let s = Stopped::new(
+            self.state_dir.clone(),
+            self.config.clone(),
+            self.lab.clone(),
+        );
+        // The restarted daemon's own Drop deletes every sandbox.
+        let cleanup = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(Daemon::spawn(s, Some(KEY_DEFAULT)))
+        }));
+        if cleanup.is_err() {
+            eprintln!(
+                "cleanup of a stopped test daemon failed; see {}",
+                self.state_dir.with_extension("log").display()
+            );
+        }
+    }
 }
 
 /// One API answer.
@@ -80,11 +126,7 @@ impl Daemon {
     pub fn start(name: &str, config: &str) -> Self {
         let (state, cfg) = fresh_state(name, config);
         Self::spawn(
-            Stopped {
-                state_dir: state,
-                config: cfg,
-                lab: Arc::new(Lab::new()),
-            },
+            Stopped::new(state, cfg, Arc::new(Lab::new())),
             Some(KEY_DEFAULT),
         )
     }
@@ -103,23 +145,20 @@ impl Daemon {
     /// A fresh lab and state, for [`Daemon::restart_without_key`].
     pub fn prepare(name: &str, config: &str) -> Stopped {
         let (state_dir, config) = fresh_state(name, config);
-        Stopped {
-            state_dir,
-            config,
-            lab: Arc::new(Lab::new()),
-        }
+        Stopped::new(state_dir, config, Arc::new(Lab::new()))
     }
 
     fn spawn(s: Stopped, key: Option<&str>) -> Self {
         crate::privileged::require_root();
+        let (state_dir, config, lab) = s.disarm();
         let url = format!("http://127.0.0.1:{API_PORT}");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(s.state_dir.with_extension("log"))
+            .open(state_dir.with_extension("log"))
             .expect("open daemon log");
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", s.lab.host_ns))
+        cmd.arg(format!("--net=/run/netns/{}", lab.host_ns))
             .arg("--")
             .arg(crate::privileged::tollgate_bin())
             .args([
@@ -128,9 +167,9 @@ impl Daemon {
                 &format!("127.0.0.1:{API_PORT}"),
                 "--state-dir",
             ])
-            .arg(&s.state_dir)
+            .arg(&state_dir)
             .arg("--config")
-            .arg(&s.config)
+            .arg(&config)
             .env("TOLLGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -143,9 +182,9 @@ impl Daemon {
         let mut d = Self {
             child: Some(child),
             url,
-            state_dir: s.state_dir,
-            config: s.config,
-            lab: s.lab,
+            state_dir,
+            config,
+            lab,
             contract: None,
             keep_state: false,
         };
@@ -265,11 +304,11 @@ impl Daemon {
     pub fn stop_keep_state(mut self) -> Stopped {
         self.keep_state = true;
         self.terminate();
-        Stopped {
-            state_dir: self.state_dir.clone(),
-            config: self.config.clone(),
-            lab: self.lab.clone(),
-        }
+        Stopped::new(
+            self.state_dir.clone(),
+            self.config.clone(),
+            self.lab.clone(),
+        )
     }
 
     /// Kills the daemon with SIGKILL (no chance to clean up).
@@ -279,11 +318,11 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        Stopped {
-            state_dir: self.state_dir.clone(),
-            config: self.config.clone(),
-            lab: self.lab.clone(),
-        }
+        Stopped::new(
+            self.state_dir.clone(),
+            self.config.clone(),
+            self.lab.clone(),
+        )
     }
 
     fn terminate(&mut self) {
