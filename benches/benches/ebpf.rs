@@ -46,6 +46,15 @@ fn pin_root() -> PathBuf {
     ))
 }
 
+/// Removes the bench's pins on every path (a panic included).
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Namespaces `tgb-<pid>-<i>` each holding a veth pair `tgb<i>` / `tgp<i>`.
 struct Fleet {
     names: Vec<String>,
