@@ -42,7 +42,7 @@ pub const PRIVATE6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 0x10);
 /// Port of the host namespace's canary service (TCP and UDP).
 pub const HOST_PORT: u16 = 7777;
 /// TCP ports the canary serves.
-pub const TCP_PORTS: [u16; 5] = [22, 53, 80, 443, 8443];
+pub const TCP_PORTS: [u16; 4] = [22, 80, 443, 8443];
 /// UDP ports the canary answers.
 pub const UDP_PORTS: [u16; 3] = [53, 443, 9999];
 
@@ -291,6 +291,19 @@ impl Lab {
                 }
             }));
         }
+    }
+
+    /// Makes `addr` local in the upstream namespace (for extra origins).
+    pub fn add_upstream_addr(&self, addr: IpAddr) {
+        let cidr = match addr {
+            IpAddr::V4(a) => format!("{a}/32"),
+            IpAddr::V6(a) => format!("{a}/128"),
+        };
+        let mut args = vec!["-n", &self.up_ns, "addr", "add", &cidr, "dev", "lo"];
+        if addr.is_ipv6() {
+            args.push("nodad");
+        }
+        ip(&args);
     }
 
     /// Runs `f` on a thread inside the host namespace.

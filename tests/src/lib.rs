@@ -1,7 +1,9 @@
 //! Shared harness for tollgate's end-to-end tests: a real daemon per test,
 //! OpenAPI checks of every answer, and the root / namespace helpers.
 
+pub mod client;
 pub mod daemon;
 pub mod lab;
 pub mod openapi;
 pub mod privileged;
+pub mod upstream;
