@@ -31,6 +31,46 @@ pub struct Config {
     pub network: NetworkConfig,
     /// Templates in addition to the built-in `system/debian:bookworm`.
     pub templates: Vec<TemplateConfig>,
+    /// How the proxy and the sandboxes' resolver reach DNS.
+    pub dns: DnsConfig,
+    /// Per-sandbox proxy limits.
+    pub proxy: ProxyLimits,
+}
+
+/// DNS settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Resolvers the host uses for sandboxes (empty: those of /etc/resolv.conf).
+    pub upstreams: Vec<SocketAddr>,
+    /// Per-query timeout in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self { upstreams: Vec::new(), timeout_ms: 5000 }
+    }
+}
+
+/// Per-sandbox proxy limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyLimits {
+    /// Concurrent connections per sandbox; more are refused.
+    pub max_connections: usize,
+    /// Upstream connect timeout in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Time a sandbox has to send its ClientHello or request head, in ms.
+    pub detect_timeout_ms: u64,
+    /// A tunnel idle this long (ms) is closed.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        Self { max_connections: 1024, connect_timeout_ms: 10_000, detect_timeout_ms: 10_000, idle_timeout_ms: 3_600_000 }
+    }
 }
 
 /// One organization.
@@ -96,6 +136,8 @@ impl Default for Config {
             host: HostConfig::default(),
             network: NetworkConfig::default(),
             templates: Vec::new(),
+            dns: DnsConfig::default(),
+            proxy: ProxyLimits::default(),
         }
     }
 }

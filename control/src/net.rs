@@ -748,6 +748,44 @@ pub fn open_listeners(info: &NetworkInfo) -> io::Result<Listeners> {
     })
 }
 
+/// The sandbox resolver's sockets at its gateway (UDP and TCP port 53, v4
+/// and v6), inside the router namespace.
+pub struct DnsSockets {
+    /// UDP on the v4 gateway.
+    pub udp4: std::net::UdpSocket,
+    /// UDP on the v6 gateway.
+    pub udp6: std::net::UdpSocket,
+    /// TCP on the v4 gateway.
+    pub tcp4: TcpListener,
+    /// TCP on the v6 gateway.
+    pub tcp6: TcpListener,
+}
+
+/// Opens [`DnsSockets`] inside the router namespace of `info`, non-blocking.
+pub fn open_dns_sockets(info: &NetworkInfo) -> io::Result<DnsSockets> {
+    ns::validate_netns_name(&info.router_netns)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let (g4, g6) = (info.gateway_v4, info.gateway_v6);
+    ns::run_in_blocking(&netns_path(&info.router_netns), move || {
+        let udp = |a: SocketAddr| -> io::Result<std::net::UdpSocket> {
+            let s = std::net::UdpSocket::bind(a)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        };
+        let tcp = |a: SocketAddr| -> io::Result<TcpListener> {
+            let l = TcpListener::bind(a)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        Ok(DnsSockets {
+            udp4: udp(SocketAddr::from((g4, 53)))?,
+            udp6: udp(SocketAddr::from((g6, 53)))?,
+            tcp4: tcp(SocketAddr::from((g4, 53)))?,
+            tcp6: tcp(SocketAddr::from((g6, 53)))?,
+        })
+    })
+}
+
 fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     use nix::sys::socket::{
         bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
