@@ -122,42 +122,62 @@ fn attach_detach(n: usize) -> (Vec<f64>, Vec<f64>) {
     (attach, detach)
 }
 
-/// sandbox ns ⇄ veth ⇄ router ns: the sink lives on the router's lo; steered
-/// connections land on a transparent listener in the router.
+/// sandbox ns ⇄ veth ⇄ router ns ⇄ veth ⇄ host ns. The sink (198.51.100.1)
+/// lives on the host, reached by forwarding through the router as in
+/// production; steered connections land on a transparent listener in the
+/// router.
 struct Pair {
     s: String,
     r: String,
+    h: String,
 }
 
 impl Pair {
     fn new() -> Self {
+        let pid = std::process::id();
         let p = Self {
-            s: format!("tgb-s-{}", std::process::id()),
-            r: format!("tgb-r-{}", std::process::id()),
+            s: format!("tgb-s-{pid}"),
+            r: format!("tgb-r-{pid}"),
+            h: format!("tgb-h-{pid}"),
         };
-        for ns in [&p.s, &p.r] {
+        for ns in [&p.s, &p.r, &p.h] {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", ns])
                 .output();
             ip(&["netns", "add", ns]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
+        let (s, r, h) = (p.s.as_str(), p.r.as_str(), p.h.as_str());
         ip(&[
-            "-n", &p.s, "link", "add", "eth0", "type", "veth", "peer", "name", "tgs0", "netns",
-            &p.r,
+            "-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "tgs0", "netns", r,
         ]);
-        ip(&["-n", &p.s, "addr", "add", "10.0.2.15/24", "dev", "eth0"]);
-        ip(&["-n", &p.r, "addr", "add", "10.0.2.2/24", "dev", "tgs0"]);
-        ip(&["-n", &p.r, "addr", "add", "198.51.100.1/32", "dev", "lo"]);
-        ip(&["-n", &p.s, "link", "set", "eth0", "up"]);
-        ip(&["-n", &p.r, "link", "set", "tgs0", "up"]);
-        ip(&["-n", &p.s, "route", "add", "default", "via", "10.0.2.2"]);
         ip(&[
-            "-n", &p.r, "rule", "add", "fwmark", "0x1/0x1", "lookup", "100",
+            "-n", r, "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", h,
         ]);
+        ip(&["-n", s, "addr", "add", "10.0.2.15/24", "dev", "eth0"]);
+        ip(&["-n", r, "addr", "add", "10.0.2.2/24", "dev", "tgs0"]);
+        ip(&["-n", r, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
+        ip(&["-n", h, "addr", "add", "192.0.2.2/24", "dev", "wan0"]);
+        ip(&["-n", h, "addr", "add", "198.51.100.1/32", "dev", "lo"]);
+        for (ns, dev) in [(s, "eth0"), (r, "tgs0"), (r, "up0"), (h, "wan0")] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        ip(&["-n", s, "route", "add", "default", "via", "10.0.2.2"]);
         ip(&[
             "-n",
-            &p.r,
+            r,
+            "route",
+            "add",
+            "198.51.100.0/24",
+            "via",
+            "192.0.2.2",
+        ]);
+        ip(&["-n", h, "route", "add", "10.0.2.0/24", "via", "192.0.2.1"]);
+        ip(&["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ip(&["-n", r, "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"]);
+        ip(&[
+            "-n",
+            r,
             "route",
             "add",
             "local",
@@ -173,7 +193,7 @@ impl Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        for ns in [&self.s, &self.r] {
+        for ns in [&self.s, &self.r, &self.h] {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", ns])
                 .output();
@@ -184,9 +204,26 @@ impl Drop for Pair {
 /// Bytes/s of one TCP stream of `bytes` from the sandbox to `dst`, received
 /// by `listener` in the router namespace.
 fn stream(pair: &Pair, listener: &TcpListener, dst: SocketAddr, bytes: usize) -> f64 {
+    let phase = dst;
     let l = listener.try_clone().expect("clone listener");
     let sink = std::thread::spawn(move || {
-        let (mut c, _) = l.accept().expect("accept");
+        // Bounded: a connection that lands elsewhere fails the bench.
+        l.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut c = loop {
+            match l.accept() {
+                Ok((c, _)) => break c,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("no connection reached the sink for {phase}: {e}"),
+            }
+        };
+        c.set_nonblocking(false).expect("blocking");
+        c.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         let mut buf = vec![0u8; 1 << 16];
         let mut total = 0usize;
         loop {
@@ -199,6 +236,10 @@ fn stream(pair: &Pair, listener: &TcpListener, dst: SocketAddr, bytes: usize) ->
     });
     let t = in_netns(&pair.s, move || {
         let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect");
+        c.set_write_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        c.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         let chunk = vec![7u8; 1 << 16];
         let start = Instant::now();
         let mut sent = 0;
@@ -219,9 +260,12 @@ fn stream(pair: &Pair, listener: &TcpListener, dst: SocketAddr, bytes: usize) ->
 fn throughput() -> Vec<Figure> {
     let pair = Pair::new();
     let bytes = if quick() { 128 << 20 } else { 512 << 20 };
-    let rounds = if quick() { 3 } else { 5 };
+    let rounds = std::env::var("TOLLGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(if quick() { 3 } else { 5 });
     // The sink (plain) and the proxy's transparent listener, both in the router.
-    let sink = in_netns(&pair.r, || {
+    let sink = in_netns(&pair.h, || {
         TcpListener::bind((SINK, 5001)).expect("bind sink")
     });
     let proxy = in_netns(&pair.r, || {
@@ -242,7 +286,10 @@ fn throughput() -> Vec<Figure> {
     let mut direct = Vec::new();
     let mut pass = Vec::new();
     let mut steered = Vec::new();
-    for _ in 0..rounds {
+    for round in 0..rounds {
+        if std::env::var("TOLLGATE_BENCH_TRACE").is_ok() {
+            eprintln!("round {round}");
+        }
         direct.push(stream(&pair, &sink, SocketAddr::from((SINK, 5001)), bytes));
         let mut f = Filter::attach(
             &root.join("pair"),
@@ -255,6 +302,9 @@ fn throughput() -> Vec<Figure> {
         .expect("attach");
         f.set_listeners(proxy.as_fd(), Some(proxy6.as_fd()))
             .expect("listeners");
+        if std::env::var("TOLLGATE_BENCH_TRACE").is_ok() {
+            eprintln!("round {round}: pass");
+        }
         pass.push(stream(&pair, &sink, SocketAddr::from((SINK, 5001)), bytes));
         steered.push(stream(
             &pair,
