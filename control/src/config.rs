@@ -49,7 +49,10 @@ pub struct DnsConfig {
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        Self { upstreams: Vec::new(), timeout_ms: 5000 }
+        Self {
+            upstreams: Vec::new(),
+            timeout_ms: 5000,
+        }
     }
 }
 
@@ -69,7 +72,12 @@ pub struct ProxyLimits {
 
 impl Default for ProxyLimits {
     fn default() -> Self {
-        Self { max_connections: 1024, connect_timeout_ms: 10_000, detect_timeout_ms: 10_000, idle_timeout_ms: 3_600_000 }
+        Self {
+            max_connections: 1024,
+            connect_timeout_ms: 10_000,
+            detect_timeout_ms: 10_000,
+            idle_timeout_ms: 3_600_000,
+        }
     }
 }
 

@@ -181,9 +181,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tollgate::net::host_setup(&tollgate::net::NetPlan::from(&cfg.network))
         .await
         .context("host network setup")?;
+    let resolv_conf = write_resolv_conf()?;
     let runtime = NetnsRuntime::new(NetnsConfig {
         exe,
         hide_paths: vec![cfg.state_dir.clone()],
+        resolv_conf: Some(resolv_conf),
     });
     tollgate_ebpf::ensure_bpffs().context("bpffs")?;
     let floor = tollgate::dataplane::floor(
@@ -224,6 +226,28 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     reaper.abort();
     tracing::info!("tollgate stopped; sandboxes keep running and are re-adopted on the next start");
     Ok(())
+}
+
+/// The `/etc/resolv.conf` every sandbox sees: its own resolver at its
+/// gateway (the same addresses in every sandbox).
+fn write_resolv_conf() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from("/run/tollgate");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("resolv.conf");
+    let text = format!(
+        "# tollgate: this sandbox's resolver (policy-aware)\nnameserver {}\nnameserver {}\noptions timeout:2 attempts:2\n",
+        tollgate::net::GATEWAY_V4,
+        tollgate::net::GATEWAY_V6
+    );
+    let tmp = dir.join(format!("resolv.conf.{}", std::process::id()));
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
 }
 
 async fn shutdown_signal() {

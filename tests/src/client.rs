@@ -44,15 +44,32 @@ pub struct Outcome {
 
 /// `GET path` over TLS to `dst` with server name `sni`, trusting `ca_pem`,
 /// from inside network namespace `netns`.
-pub fn https_get(netns: &str, dst: SocketAddr, sni: &str, ca_pem: &str, path: &str, hello: Hello) -> Outcome {
+pub fn https_get(
+    netns: &str,
+    dst: SocketAddr,
+    sni: &str,
+    ca_pem: &str,
+    path: &str,
+    hello: Hello,
+) -> Outcome {
     let (sni, ca_pem, path) = (sni.to_string(), ca_pem.to_string(), path.to_string());
     in_netns(netns, move || match get(dst, &sni, &ca_pem, &path, hello) {
         Ok(o) => o,
-        Err((e, hello_len)) => Outcome { error: Some(e), hello_len, ..Outcome::default() },
+        Err((e, hello_len)) => Outcome {
+            error: Some(e),
+            hello_len,
+            ..Outcome::default()
+        },
     })
 }
 
-fn get(dst: SocketAddr, sni: &str, ca_pem: &str, path: &str, hello: Hello) -> Result<Outcome, (String, usize)> {
+fn get(
+    dst: SocketAddr,
+    sni: &str,
+    ca_pem: &str,
+    path: &str,
+    hello: Hello,
+) -> Result<Outcome, (String, usize)> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile_certs(ca_pem) {
         roots.add(c).map_err(|e| (format!("ca: {e}"), 0))?;
@@ -64,13 +81,18 @@ fn get(dst: SocketAddr, sni: &str, ca_pem: &str, path: &str, hello: Hello) -> Re
         .with_root_certificates(roots)
         .with_no_client_auth();
     if hello == Hello::Large {
-        config.alpn_protocols = (0..30).map(|i| format!("x-tollgate-padding-protocol-{i:02}-{}", "p".repeat(24)).into_bytes()).collect();
+        config.alpn_protocols = (0..30)
+            .map(|i| format!("x-tollgate-padding-protocol-{i:02}-{}", "p".repeat(24)).into_bytes())
+            .collect();
         config.alpn_protocols.push(b"http/1.1".to_vec());
     }
     let name = ServerName::try_from(sni.to_string()).map_err(|e| (format!("sni: {e}"), 0))?;
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| (e.to_string(), 0))?;
-    let mut tcp = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).map_err(|e| (format!("connect: {e}"), 0))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).map_err(|e| (e.to_string(), 0))?;
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| (e.to_string(), 0))?;
+    let mut tcp = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+        .map_err(|e| (format!("connect: {e}"), 0))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| (e.to_string(), 0))?;
     tcp.set_nodelay(true).map_err(|e| (e.to_string(), 0))?;
     let mut first = Vec::new();
     conn.write_tls(&mut first).map_err(|e| (e.to_string(), 0))?;
@@ -78,15 +100,20 @@ fn get(dst: SocketAddr, sni: &str, ca_pem: &str, path: &str, hello: Hello) -> Re
     match hello {
         Hello::OneByte => {
             for b in &first {
-                tcp.write_all(std::slice::from_ref(b)).map_err(|e| (format!("write: {e}"), hello_len))?;
+                tcp.write_all(std::slice::from_ref(b))
+                    .map_err(|e| (format!("write: {e}"), hello_len))?;
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
-        _ => tcp.write_all(&first).map_err(|e| (format!("write: {e}"), hello_len))?,
+        _ => tcp
+            .write_all(&first)
+            .map_err(|e| (format!("write: {e}"), hello_len))?,
     }
     let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
     let req = format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).map_err(|e| (format!("tls: {e}"), hello_len))?;
+    stream
+        .write_all(req.as_bytes())
+        .map_err(|e| (format!("tls: {e}"), hello_len))?;
     let mut head = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut hasher = Sha256::new();
@@ -112,14 +139,31 @@ fn get(dst: SocketAddr, sni: &str, ca_pem: &str, path: &str, hello: Hello) -> Re
             in_body = true;
         }
     }
-    let leaf = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
-    let status = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
-    Ok(Outcome { ok: in_body, error: None, leaf, status, body_len, sha256: hasher.finalize().into(), hello_len })
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
+    let status = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    Ok(Outcome {
+        ok: in_body,
+        error: None,
+        leaf,
+        status,
+        body_len,
+        sha256: hasher.finalize().into(),
+        hello_len,
+    })
 }
 
 fn rustls_pemfile_certs(pem: &str) -> Vec<CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).collect()
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
 }
 
 /// A DNS question's outcome as the sandbox sees it.
@@ -136,7 +180,12 @@ pub struct DnsReply {
 pub fn dns_query(netns: &str, server: SocketAddr, name: &str, qtype: u16) -> Option<DnsReply> {
     let name = name.to_string();
     in_netns(netns, move || {
-        let sock = UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+        let sock = UdpSocket::bind(if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })
+        .ok()?;
         sock.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
         let id: u16 = 0x7467;
         let mut q = Vec::new();

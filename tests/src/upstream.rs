@@ -42,29 +42,51 @@ impl TestCa {
         let key = rcgen::KeyPair::generate().expect("ca key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        params.distinguished_name.push(rcgen::DnType::CommonName, "tollgate test origin CA");
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tollgate test origin CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
         let cert = params.self_signed(&key).expect("self-sign ca");
         let pem = cert.pem();
-        let file = PathBuf::from(format!("/run/tollgate-tests/ca-{tag}-{}.pem", std::process::id()));
+        let file = PathBuf::from(format!(
+            "/run/tollgate-tests/ca-{tag}-{}.pem",
+            std::process::id()
+        ));
         std::fs::create_dir_all("/run/tollgate-tests").expect("mkdir");
         {
             use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions("/run/tollgate-tests", std::fs::Permissions::from_mode(0o755));
+            let _ = std::fs::set_permissions(
+                "/run/tollgate-tests",
+                std::fs::Permissions::from_mode(0o755),
+            );
             std::fs::write(&file, &pem).expect("write ca");
-            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod ca");
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
+                .expect("chmod ca");
         }
-        Self { issuer: rcgen::Issuer::new(params, key), pem, file }
+        Self {
+            issuer: rcgen::Issuer::new(params, key),
+            pem,
+            file,
+        }
     }
 
     /// A server certificate chain and key for `name`.
     pub fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = rcgen::KeyPair::generate().expect("leaf key");
-        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("leaf params");
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let mut params =
+            rcgen::CertificateParams::new(vec![name.to_string()]).expect("leaf params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
-        (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
     }
 }
 
@@ -116,11 +138,17 @@ impl TlsOrigin {
         let mut threads = Vec::new();
         for port in [443u16, 8443] {
             let listener = in_netns(&lab.up_ns, move || {
-                let l = std::net::TcpListener::bind(SocketAddr::new(addr, port)).expect("bind origin");
+                let l =
+                    std::net::TcpListener::bind(SocketAddr::new(addr, port)).expect("bind origin");
                 l.set_nonblocking(true).expect("nonblocking");
                 l
             });
-            let (acceptor, log, stop, name) = (acceptor.clone(), log.clone(), stop.clone(), name.to_string());
+            let (acceptor, log, stop, name) = (
+                acceptor.clone(),
+                log.clone(),
+                stop.clone(),
+                name.to_string(),
+            );
             threads.push(std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
                 rt.block_on(async move {
@@ -171,7 +199,14 @@ impl TlsOrigin {
                 });
             }));
         }
-        Self { name: name.to_string(), addr, log, leaf, stop, threads }
+        Self {
+            name: name.to_string(),
+            addr,
+            log,
+            leaf,
+            stop,
+            threads,
+        }
     }
 
     /// Connections accepted so far.
@@ -213,7 +248,8 @@ impl ScriptedDns {
     pub fn start(lab: &Lab, addr: IpAddr, table: HashMap<String, Answer>) -> Self {
         let sock = in_netns(&lab.up_ns, move || {
             let s = std::net::UdpSocket::bind(SocketAddr::new(addr, 53)).expect("bind dns");
-            s.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
             s
         });
         let queries = Arc::new(Mutex::new(Vec::new()));
@@ -223,8 +259,12 @@ impl ScriptedDns {
             let mut flips: HashMap<String, usize> = HashMap::new();
             let mut buf = [0u8; 1500];
             while !st.load(Ordering::Relaxed) {
-                let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
-                let Some((id, qname, qtype, qend)) = parse_query(&buf[..n]) else { continue };
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Some((id, qname, qtype, qend)) = parse_query(&buf[..n]) else {
+                    continue;
+                };
                 if let Ok(mut v) = q.lock() {
                     v.push(qname.clone());
                 }
@@ -241,7 +281,12 @@ impl ScriptedDns {
                 let _ = sock.send_to(&reply, from);
             }
         });
-        Self { addr, queries, stop, thread: Some(thread) }
+        Self {
+            addr,
+            queries,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Every query name received, in order.
@@ -251,7 +296,10 @@ impl ScriptedDns {
 
     /// How many queries for `name` (or names under it) arrived.
     pub fn count(&self, name: &str) -> usize {
-        self.queries().iter().filter(|q| q.as_str() == name || q.ends_with(&format!(".{name}"))).count()
+        self.queries()
+            .iter()
+            .filter(|q| q.as_str() == name || q.ends_with(&format!(".{name}")))
+            .count()
     }
 }
 
@@ -288,7 +336,14 @@ fn parse_query(p: &[u8]) -> Option<(u16, String, u16, usize)> {
     Some((id, labels.join("."), qtype, i + 4))
 }
 
-fn build_reply(id: u16, question: &[u8], qtype: u16, addrs: &[IpAddr], ttl: u32, found: bool) -> Vec<u8> {
+fn build_reply(
+    id: u16,
+    question: &[u8],
+    qtype: u16,
+    addrs: &[IpAddr],
+    ttl: u32,
+    found: bool,
+) -> Vec<u8> {
     let answers: Vec<&IpAddr> = addrs
         .iter()
         .filter(|a| (qtype == 1 && a.is_ipv4()) || (qtype == 28 && a.is_ipv6()))

@@ -66,7 +66,12 @@ impl World {
         }
         d.lab.add_upstream_addr(ip(DNS));
         let dns = ScriptedDns::start(&d.lab, ip(DNS), table);
-        Self { d, ca, origins, dns }
+        Self {
+            d,
+            ca,
+            origins,
+            dns,
+        }
     }
 
     fn origin(&self, name: &str) -> &TlsOrigin {
@@ -74,13 +79,34 @@ impl World {
     }
 
     fn sandbox(&mut self, policy: Value) -> String {
-        let c = self.d.call(Method::POST, "/v1/sandbox", "/v1/sandbox", KEY_DEFAULT, Some(&json!({"memory": 512, "network_policy": policy})));
+        let c = self.d.call(
+            Method::POST,
+            "/v1/sandbox",
+            "/v1/sandbox",
+            KEY_DEFAULT,
+            Some(&json!({"memory": 512, "network_policy": policy})),
+        );
         assert_eq!(c.status, StatusCode::CREATED, "{}", c.body);
         c.body["id"].as_str().expect("id").to_string()
     }
 
-    fn get(&self, id: &str, dst: &str, port: u16, sni: &str, path: &str, hello: Hello) -> tollgate_tests::client::Outcome {
-        https_get(&format!("tollgate-{id}"), SocketAddr::new(ip(dst), port), sni, &self.ca.pem, path, hello)
+    fn get(
+        &self,
+        id: &str,
+        dst: &str,
+        port: u16,
+        sni: &str,
+        path: &str,
+        hello: Hello,
+    ) -> tollgate_tests::client::Outcome {
+        https_get(
+            &format!("tollgate-{id}"),
+            SocketAddr::new(ip(dst), port),
+            sni,
+            &self.ca.pem,
+            path,
+            hello,
+        )
     }
 
     fn events(&mut self, id: &str) -> Vec<Value> {
@@ -112,24 +138,55 @@ fn big_sha256() -> [u8; 32] {
 #[test]
 fn allowed_tls_passes_untouched_and_64_mib_arrive_intact() {
     let _g = serial();
-    let mut w = World::new("tunnel", "10.214.0.0/20", &[("allowed.test", "198.51.100.20"), ("denied.test", "198.51.100.21")], &[]);
+    let mut w = World::new(
+        "tunnel",
+        "10.214.0.0/20",
+        &[
+            ("allowed.test", "198.51.100.20"),
+            ("denied.test", "198.51.100.21"),
+        ],
+        &[],
+    );
     let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test"]}));
-    let o = w.get(&id, "198.51.100.20", 443, "allowed.test", "/big", Hello::Normal);
+    let o = w.get(
+        &id,
+        "198.51.100.20",
+        443,
+        "allowed.test",
+        "/big",
+        Hello::Normal,
+    );
     assert!(o.ok, "{o:?}");
-    assert_eq!(o.leaf.as_ref(), Some(&w.origin("allowed.test").leaf), "the client must see the origin's own certificate");
+    assert_eq!(
+        o.leaf.as_ref(),
+        Some(&w.origin("allowed.test").leaf),
+        "the client must see the origin's own certificate"
+    );
     assert_eq!(o.body_len, BIG);
-    assert_eq!(o.sha256, big_sha256(), "64 MiB body corrupted in the tunnel");
+    assert_eq!(
+        o.sha256,
+        big_sha256(),
+        "64 MiB body corrupted in the tunnel"
+    );
 
     // Not allowed: a TLS alert, and the origin is never contacted.
     let o = w.get(&id, "198.51.100.21", 443, "denied.test", "/", Hello::Normal);
     assert!(!o.ok);
     let err = o.error.clone().unwrap_or_default();
-    assert!(err.contains("AlertReceived"), "expected a TLS alert, got {err}");
+    assert!(
+        err.contains("AlertReceived"),
+        "expected a TLS alert, got {err}"
+    );
     assert_eq!(w.origin("denied.test").connections(), 0);
-    assert!(w.d.lab.canary.to(ip("198.51.100.21")).is_empty(), "{:?}", w.d.lab.canary.seen());
+    assert!(
+        w.d.lab.canary.to(ip("198.51.100.21")).is_empty(),
+        "{:?}",
+        w.d.lab.canary.seen()
+    );
     let evs = w.events(&id);
     assert!(
-        evs.iter().any(|e| e["kind"] == "denied" && e["name"] == "denied.test"),
+        evs.iter()
+            .any(|e| e["kind"] == "denied" && e["name"] == "denied.test"),
         "denial not reported with its name: {evs:#?}"
     );
 }
@@ -137,20 +194,43 @@ fn allowed_tls_passes_untouched_and_64_mib_arrive_intact() {
 #[test]
 fn the_sandbox_destination_ip_is_ignored_only_the_name_is_dialled() {
     let _g = serial();
-    let mut w = World::new("dstip", "10.214.16.0/20", &[("allowed.test", "198.51.100.20")], &[]);
+    let mut w = World::new(
+        "dstip",
+        "10.214.16.0/20",
+        &[("allowed.test", "198.51.100.20")],
+        &[],
+    );
     let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test"]}));
     // SNI allowed.test, but the sandbox connects to the canary's address.
-    let o = w.get(&id, &PUBLIC4.to_string(), 443, "allowed.test", "/", Hello::Normal);
+    let o = w.get(
+        &id,
+        &PUBLIC4.to_string(),
+        443,
+        "allowed.test",
+        "/",
+        Hello::Normal,
+    );
     assert!(o.ok, "{o:?}");
     assert_eq!(o.leaf.as_ref(), Some(&w.origin("allowed.test").leaf));
     assert_eq!(w.origin("allowed.test").connections(), 1);
     assert!(
-        !w.d.lab.canary.seen().iter().any(|s| s.dst == IpAddr::V4(PUBLIC4) && s.proto == 6),
+        !w.d.lab
+            .canary
+            .seen()
+            .iter()
+            .any(|s| s.dst == IpAddr::V4(PUBLIC4) && s.proto == 6),
         "the canary was dialled: {:?}",
         w.d.lab.canary.seen()
     );
     // To the metadata address: dropped before the proxy (floor); nothing reaches anyone.
-    let o = w.get(&id, &METADATA4.to_string(), 443, "allowed.test", "/", Hello::Normal);
+    let o = w.get(
+        &id,
+        &METADATA4.to_string(),
+        443,
+        "allowed.test",
+        "/",
+        Hello::Normal,
+    );
     assert!(!o.ok);
     assert!(w.d.lab.canary.to(IpAddr::V4(METADATA4)).is_empty());
     assert_eq!(w.origin("allowed.test").connections(), 1);
@@ -189,29 +269,66 @@ fn wildcard_table_end_to_end() {
 #[test]
 fn one_byte_and_large_client_hellos_are_decided_correctly() {
     let _g = serial();
-    let mut w = World::new("hello", "10.214.48.0/20", &[("allowed.test", "198.51.100.20"), ("denied.test", "198.51.100.21")], &[]);
+    let mut w = World::new(
+        "hello",
+        "10.214.48.0/20",
+        &[
+            ("allowed.test", "198.51.100.20"),
+            ("denied.test", "198.51.100.21"),
+        ],
+        &[],
+    );
     let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test"]}));
-    let o = w.get(&id, "198.51.100.20", 443, "allowed.test", "/", Hello::OneByte);
+    let o = w.get(
+        &id,
+        "198.51.100.20",
+        443,
+        "allowed.test",
+        "/",
+        Hello::OneByte,
+    );
     assert!(o.ok, "one byte at a time: {o:?}");
     let o = w.get(&id, "198.51.100.20", 443, "allowed.test", "/", Hello::Large);
     assert!(o.hello_len >= 1800, "hello only {} bytes", o.hello_len);
     assert!(o.ok, "large hello: {o:?}");
-    let o = w.get(&id, "198.51.100.21", 443, "denied.test", "/", Hello::OneByte);
+    let o = w.get(
+        &id,
+        "198.51.100.21",
+        443,
+        "denied.test",
+        "/",
+        Hello::OneByte,
+    );
     assert!(!o.ok);
     let o = w.get(&id, "198.51.100.21", 443, "denied.test", "/", Hello::Large);
     assert!(!o.ok);
     assert_eq!(w.origin("allowed.test").connections(), 2);
     assert_eq!(w.origin("denied.test").connections(), 0);
     // TLS with an allowed name on another port is dialled by name on that port.
-    let o = w.get(&id, "198.51.100.20", 8443, "allowed.test", "/", Hello::Normal);
+    let o = w.get(
+        &id,
+        "198.51.100.20",
+        8443,
+        "allowed.test",
+        "/",
+        Hello::Normal,
+    );
     assert!(o.ok, "{o:?}");
 }
 
 #[test]
 fn quic_to_an_allowed_name_is_dropped_and_tcp_works() {
     let _g = serial();
-    let mut w = World::new("quic", "10.214.64.0/20", &[("allowed.test", "198.51.100.20")], &[]);
-    for policy in [json!({"mode": "custom", "allow_domains": ["allowed.test"]}), json!({"mode": "allow-all"})] {
+    let mut w = World::new(
+        "quic",
+        "10.214.64.0/20",
+        &[("allowed.test", "198.51.100.20")],
+        &[],
+    );
+    for policy in [
+        json!({"mode": "custom", "allow_domains": ["allowed.test"]}),
+        json!({"mode": "allow-all"}),
+    ] {
         let id = w.sandbox(policy);
         let ns = format!("tollgate-{id}");
         let sent = tollgate_tests::lab::in_netns(&ns, || {
@@ -221,13 +338,30 @@ fn quic_to_an_allowed_name_is_dropped_and_tcp_works() {
         assert!(sent);
         std::thread::sleep(Duration::from_millis(300));
         assert!(
-            !w.d.lab.canary.seen().iter().any(|s| s.proto == 17 && s.dport == 443),
+            !w.d.lab
+                .canary
+                .seen()
+                .iter()
+                .any(|s| s.proto == 17 && s.dport == 443),
             "QUIC left the sandbox: {:?}",
             w.d.lab.canary.seen()
         );
-        let o = w.get(&id, "198.51.100.20", 443, "allowed.test", "/", Hello::Normal);
+        let o = w.get(
+            &id,
+            "198.51.100.20",
+            443,
+            "allowed.test",
+            "/",
+            Hello::Normal,
+        );
         assert!(o.ok, "TCP fallback failed: {o:?}");
-        let del = w.d.call(Method::DELETE, &format!("/v1/sandbox/{id}/"), "/v1/sandbox/{id}/", KEY_DEFAULT, None);
+        let del = w.d.call(
+            Method::DELETE,
+            &format!("/v1/sandbox/{id}/"),
+            "/v1/sandbox/{id}/",
+            KEY_DEFAULT,
+            None,
+        );
         assert_eq!(del.status, StatusCode::NO_CONTENT);
     }
 }
@@ -238,15 +372,27 @@ fn dns_never_forwards_non_allowed_names_and_rebinding_never_dials_private() {
     let mut w = World::new(
         "dns",
         "10.214.80.0/20",
-        &[("allowed.test", "198.51.100.20"), ("rebind.test", "198.51.100.22")],
-        &[("rebind.test", Answer::Rebind(vec![ip("198.51.100.22")], vec![IpAddr::V4(PRIVATE4)]))],
+        &[
+            ("allowed.test", "198.51.100.20"),
+            ("rebind.test", "198.51.100.22"),
+        ],
+        &[(
+            "rebind.test",
+            Answer::Rebind(vec![ip("198.51.100.22")], vec![IpAddr::V4(PRIVATE4)]),
+        )],
     );
     let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test", "rebind.test"]}));
     let ns = format!("tollgate-{id}");
     let gw = SocketAddr::new(ip("10.0.2.2"), 53);
-    let r = dns_query(&ns, gw, "c2VjcmV0.attacker.test", 1).expect("an answer from the sandbox resolver");
+    let r = dns_query(&ns, gw, "c2VjcmV0.attacker.test", 1)
+        .expect("an answer from the sandbox resolver");
     assert_eq!(r.rcode, 3, "non-allowed name must be NXDOMAIN");
-    assert_eq!(w.dns.count("attacker.test"), 0, "the query name left the sandbox: {:?}", w.dns.queries());
+    assert_eq!(
+        w.dns.count("attacker.test"),
+        0,
+        "the query name left the sandbox: {:?}",
+        w.dns.queries()
+    );
     let r = dns_query(&ns, gw, "allowed.test", 1).expect("answer");
     assert_eq!((r.rcode, r.addrs.clone()), (0, vec![ip("198.51.100.20")]));
     assert!(w.dns.count("allowed.test") >= 1);
@@ -254,26 +400,40 @@ fn dns_never_forwards_non_allowed_names_and_rebinding_never_dials_private() {
     // Rebinding: public then private at TTL 0, over and over.
     let mut ok = 0;
     for _ in 0..20 {
-        if w.get(&id, "198.51.100.22", 443, "rebind.test", "/", Hello::Normal).ok {
+        if w.get(&id, "198.51.100.22", 443, "rebind.test", "/", Hello::Normal)
+            .ok
+        {
             ok += 1;
         }
     }
     assert!(ok >= 1, "no connection ever succeeded");
-    assert!(w.d.lab.canary.to(IpAddr::V4(PRIVATE4)).is_empty(), "a private answer was dialled: {:?}", w.d.lab.canary.seen());
+    assert!(
+        w.d.lab.canary.to(IpAddr::V4(PRIVATE4)).is_empty(),
+        "a private answer was dialled: {:?}",
+        w.d.lab.canary.seen()
+    );
     assert_eq!(w.origin("rebind.test").connections(), ok);
 
     // deny-all: REFUSED, nothing forwarded.
     let before = w.dns.queries().len();
     let id2 = w.sandbox(json!({"mode": "deny-all"}));
     let r = dns_query(&format!("tollgate-{id2}"), gw, "allowed.test", 1);
-    assert!(r.is_none() || r.as_ref().is_some_and(|r| r.rcode == 5), "{r:?}");
+    assert!(
+        r.is_none() || r.as_ref().is_some_and(|r| r.rcode == 5),
+        "{r:?}"
+    );
     assert_eq!(w.dns.queries().len(), before);
 }
 
 #[test]
 fn tightening_the_policy_closes_an_open_tunnel_within_a_second() {
     let _g = serial();
-    let mut w = World::new("revoke", "10.214.96.0/20", &[("allowed.test", "198.51.100.20")], &[]);
+    let mut w = World::new(
+        "revoke",
+        "10.214.96.0/20",
+        &[("allowed.test", "198.51.100.20")],
+        &[],
+    );
     let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test"]}));
     let ns = format!("tollgate-{id}");
     let (open_tx, open_rx) = std::sync::mpsc::channel();
@@ -290,16 +450,24 @@ fn tightening_the_policy_closes_an_open_tunnel_within_a_second() {
             for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()).flatten() {
                 let _ = roots.add(c);
             }
-            let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), "allowed.test".try_into().expect("name")).expect("conn");
+            let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let mut conn = rustls::ClientConnection::new(
+                std::sync::Arc::new(cfg),
+                "allowed.test".try_into().expect("name"),
+            )
+            .expect("conn");
             let mut tcp = std::net::TcpStream::connect("198.51.100.20:443").expect("connect");
-            tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            tcp.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
             let mut s = rustls::Stream::new(&mut conn, &mut tcp);
-            s.write_all(b"GET /big HTTP/1.1\r\nHost: allowed.test\r\n\r\n").expect("request");
+            s.write_all(b"GET /big HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+                .expect("request");
             let mut b = vec![0u8; 1 << 16];
             let mut total = s.read(&mut b).unwrap_or(0);
             let _ = open_tx.send(());
@@ -312,7 +480,9 @@ fn tightening_the_policy_closes_an_open_tunnel_within_a_second() {
             }
         })
     });
-    open_rx.recv_timeout(Duration::from_secs(10)).expect("tunnel open");
+    open_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("tunnel open");
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     let u = w.d.call(
@@ -326,11 +496,27 @@ fn tightening_the_policy_closes_an_open_tunnel_within_a_second() {
     std::thread::sleep(Duration::from_millis(1000));
     let _ = go_tx.send(());
     let (closed_at, total) = reader.join().expect("reader");
-    assert!(total < BIG, "the whole body arrived: the tunnel was not closed");
+    assert!(
+        total < BIG,
+        "the whole body arrived: the tunnel was not closed"
+    );
     let took = closed_at.saturating_duration_since(t0);
     // The reader waited 1 s before draining: closed within 1 s means it
     // saw the end right after that wait.
-    assert!(took < Duration::from_millis(1500), "tunnel still open {took:?} after the update");
+    assert!(
+        took < Duration::from_millis(1500),
+        "tunnel still open {took:?} after the update"
+    );
     // New connections see the new policy at once.
-    assert!(!w.get(&id, "198.51.100.20", 443, "allowed.test", "/", Hello::Normal).ok);
+    assert!(
+        !w.get(
+            &id,
+            "198.51.100.20",
+            443,
+            "allowed.test",
+            "/",
+            Hello::Normal
+        )
+        .ok
+    );
 }

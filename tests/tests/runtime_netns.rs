@@ -42,6 +42,7 @@ fn runtime(hide: Vec<PathBuf>) -> Arc<NetnsRuntime> {
     Arc::new(NetnsRuntime::new(NetnsConfig {
         exe: tollgate_bin(),
         hide_paths: hide,
+        resolv_conf: None,
     }))
 }
 

@@ -101,6 +101,9 @@ pub struct NetnsConfig {
     /// directory, …); each is covered by an empty read-only tmpfs (files by
     /// `/dev/null`). Paths that do not exist are skipped.
     pub hide_paths: Vec<PathBuf>,
+    /// A file bind-mounted read-only over the sandbox's `/etc/resolv.conf`
+    /// (pointing at the sandbox's own resolver on its gateway).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// The network-namespace process runtime. See the module documentation for
@@ -406,6 +409,9 @@ impl NetnsRuntime {
         for p in &self.config.hide_paths {
             cmd.arg(opt("--hide", p));
         }
+        if let Some(r) = &self.config.resolv_conf {
+            cmd.arg(opt("--resolv-conf", r));
+        }
         cmd.arg("--")
             .args(&spec.template.command)
             .env_clear()
@@ -707,6 +713,9 @@ pub struct EnterArgs {
     /// Start mode: path to cover with an empty read-only tmpfs (repeatable).
     #[arg(long = "hide", value_name = "PATH")]
     pub hide: Vec<PathBuf>,
+    /// Start mode: file bind-mounted read-only over `/etc/resolv.conf`.
+    #[arg(long = "resolv-conf", value_name = "FILE")]
+    pub resolv_conf: Option<PathBuf>,
     /// Working directory of the command.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub cwd: PathBuf,
@@ -802,6 +811,26 @@ fn forwarded_signals() -> SigSet {
 fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> anyhow::Result<()> {
     mount(Some(fstype), target, Some(fstype), flags, data)
         .with_context(|| format!("mount {fstype} on {target}"))
+}
+
+/// Bind-mounts `src` read-only over `dst` (inside the sandbox's private
+/// mount namespace).
+fn bind_read_only(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("bind {} on {}", src.display(), dst.display()))?;
+    mount(
+        None::<&str>,
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .with_context(|| format!("remount {} read-only", dst.display()))?;
+    Ok(())
 }
 
 /// Covers `path` with an empty read-only tmpfs (a file: with `/dev/null`).
@@ -976,6 +1005,9 @@ fn supervise_sandbox(args: &EnterArgs) -> anyhow::Result<i32> {
         hide_path(p)?;
     }
     hide_path(Path::new(net::NETNS_DIR))?;
+    if let Some(r) = &args.resolv_conf {
+        bind_read_only(r, Path::new("/etc/resolv.conf"))?;
+    }
     if let Some(h) = &args.hostname {
         nix::unistd::sethostname(h).context("sethostname")?;
     }
