@@ -2,9 +2,10 @@
 //! router's guest-facing link, the proxy listeners it steers TCP to, and the
 //! tasks that turn what they see into network events.
 //!
-//! Until the proxy lands, the listener is minimal: it accepts, records the
-//! connection's original destination (`getsockname()`, kept by
-//! `bpf_sk_assign`) as a `steered` event, and closes.
+//! Every connection the filter steers is recorded as a `steered` event with
+//! its original destination (`getsockname()`, kept by `bpf_sk_assign`), then
+//! handed to the sandbox's [`SandboxProxy`]; the sandbox's resolver on its
+//! gateway answers by policy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ipnet::IpNet;
 use tokio::task::JoinHandle;
 use tollgate_ebpf::{DropEvent, EgressPolicy, Filter, FloorSet, Mode, SandboxNet};
-use tollgate_proxy::policy::{self, NetworkPolicy};
+use tollgate_proxy::dns::{DnsDecision, DnsEvents, DnsServer, PolicyDns, Resolver};
+use tollgate_proxy::policy::{self, CompiledPolicy, Floor, NetworkPolicy};
+use tollgate_proxy::proxy::{ProxyConfig, ProxyEvents, Resolve, SandboxProxy};
 
 use crate::events::{EventLog, Kind, NetEvent};
 use crate::net::{self, NetworkInfo};
@@ -39,6 +42,8 @@ pub enum DataplaneError {
 
 struct Attached {
     filter: Filter,
+    proxy: Arc<SandboxProxy>,
+    dns: Arc<PolicyDns>,
     tasks: Tasks,
 }
 
@@ -53,21 +58,33 @@ impl Drop for Tasks {
     }
 }
 
+/// What every sandbox's data plane shares.
+pub struct Shared {
+    /// The floor the eBPF program enforces.
+    pub floor: FloorSet,
+    /// The same floor for the proxy's name decisions and DNS answers.
+    pub policy_floor: Arc<Floor>,
+    /// The host-side resolver (one cache for every sandbox).
+    pub resolver: Arc<Resolver>,
+    /// Per-sandbox proxy limits.
+    pub proxy: ProxyConfig,
+}
+
 /// Every sandbox's data plane.
 pub struct Dataplane {
     pin_root: PathBuf,
-    floor: FloorSet,
+    shared: Shared,
     events: Arc<EventLog>,
     attached: Mutex<HashMap<String, Attached>>,
 }
 
 impl Dataplane {
     /// A data plane that pins under `pin_root` (one directory per sandbox)
-    /// and enforces `floor` in every sandbox.
-    pub fn new(pin_root: PathBuf, floor: FloorSet, events: Arc<EventLog>) -> Self {
+    /// and enforces `shared.floor` in every sandbox.
+    pub fn new(pin_root: PathBuf, shared: Shared, events: Arc<EventLog>) -> Self {
         Self {
             pin_root,
-            floor,
+            shared,
             events,
             attached: Mutex::new(HashMap::new()),
         }
@@ -81,13 +98,20 @@ impl Dataplane {
         self.pin_root.join(id)
     }
 
+    fn compile(&self, policy: &NetworkPolicy) -> Arc<CompiledPolicy> {
+        Arc::new(CompiledPolicy::new(
+            policy,
+            self.shared.policy_floor.clone(),
+        ))
+    }
+
     /// The event log.
     pub fn events(&self) -> &Arc<EventLog> {
         &self.events
     }
 
-    /// Attaches a new sandbox's filter and opens its listeners, before its
-    /// first process runs.
+    /// Attaches a new sandbox's filter and starts its proxy and resolver,
+    /// before its first process runs.
     pub async fn attach(
         &self,
         id: &str,
@@ -99,16 +123,21 @@ impl Dataplane {
             net::netns_path(&net.router_netns),
             net.gateway_if.clone(),
         );
-        let (snet, floor, egress) = (sandbox_net(net), self.floor.clone(), egress_policy(policy));
+        let (snet, floor, egress) = (
+            sandbox_net(net),
+            self.shared.floor.clone(),
+            egress_policy(policy),
+        );
         let filter =
             blocking(move || Filter::attach(&pin, &netns, &ifname, &snet, &floor, &egress))
                 .await??;
-        self.start(id, net, filter)
+        self.start(id, net, filter, policy)
     }
 
     /// After a daemon restart: reopens the pinned filter (enforcement never
-    /// stopped), makes it match `policy`, and opens new listeners. A sandbox
-    /// whose pins are gone (a host reboot) is attached afresh.
+    /// stopped), makes it match `policy`, and starts a new proxy and
+    /// resolver. A sandbox whose pins are gone (a host reboot) is attached
+    /// afresh.
     pub async fn adopt(
         &self,
         id: &str,
@@ -120,18 +149,39 @@ impl Dataplane {
             tracing::warn!(sandbox = %id, "no pinned filter: attaching afresh");
             return self.attach(id, net, policy).await;
         }
-        let (floor, egress) = (self.floor.clone(), egress_policy(policy));
+        let (floor, egress) = (self.shared.floor.clone(), egress_policy(policy));
         let filter = blocking(move || {
             let mut f = Filter::open_pinned(&pin)?;
             f.replace(&floor, &egress)?;
             Ok::<_, tollgate_ebpf::EbpfError>(f)
         })
         .await??;
-        self.start(id, net, filter)
+        self.start(id, net, filter, policy)
     }
 
-    fn start(&self, id: &str, net: &NetworkInfo, mut filter: Filter) -> Result<(), DataplaneError> {
+    fn start(
+        &self,
+        id: &str,
+        net: &NetworkInfo,
+        mut filter: Filter,
+        policy: &NetworkPolicy,
+    ) -> Result<(), DataplaneError> {
+        let compiled = self.compile(policy);
+        let sink = Arc::new(EventSink {
+            id: id.to_string(),
+            events: self.events.clone(),
+        });
+        let resolver: Arc<dyn Resolve> = self.shared.resolver.clone();
+        let proxy = SandboxProxy::new(
+            id.to_string(),
+            compiled.clone(),
+            resolver,
+            self.shared.proxy.clone(),
+            sink.clone(),
+        );
+        let dns = Arc::new(PolicyDns::new(compiled, true));
         let listeners = net::open_listeners(net).map_err(DataplaneError::Listeners)?;
+        let dns_socks = net::open_dns_sockets(net).map_err(DataplaneError::Listeners)?;
         filter.set_listeners(listeners.v4.as_fd(), Some(listeners.v6.as_fd()))?;
         let mut tasks = Vec::new();
         for l in [listeners.v4, listeners.v6] {
@@ -141,7 +191,20 @@ impl Dataplane {
                 id.to_string(),
                 listener,
                 self.events.clone(),
+                proxy.clone(),
             )));
+        }
+        let server = DnsServer::new(dns.clone(), self.shared.resolver.clone(), sink);
+        for u in [dns_socks.udp4, dns_socks.udp6] {
+            let sock = tokio::net::UdpSocket::from_std(u).map_err(DataplaneError::Listeners)?;
+            let s = server.clone();
+            tasks.push(tokio::spawn(async move { s.serve_udp(sock).await }));
+        }
+        for t in [dns_socks.tcp4, dns_socks.tcp6] {
+            let listener =
+                tokio::net::TcpListener::from_std(t).map_err(DataplaneError::Listeners)?;
+            let s = server.clone();
+            tasks.push(tokio::spawn(async move { s.serve_tcp(listener).await }));
         }
         let reader = filter
             .event_reader()?
@@ -156,20 +219,27 @@ impl Dataplane {
             id.to_string(),
             Attached {
                 filter,
+                proxy,
+                dns,
                 tasks: Tasks(tasks),
             },
         );
         Ok(())
     }
 
-    /// Replaces a sandbox's policy atomically (no packet sees a mix).
+    /// Replaces a sandbox's policy: the eBPF maps atomically (no packet sees
+    /// a mix), then the proxy and the resolver. New connections and questions
+    /// see the new policy at once; open tunnels whose verdict changed close.
     pub async fn set_policy(&self, id: &str, policy: &NetworkPolicy) -> Result<(), DataplaneError> {
         let egress = egress_policy(policy);
+        let compiled = self.compile(policy);
         let mut map = self.lock();
         let a = map
             .get_mut(id)
             .ok_or_else(|| DataplaneError::NotAttached(id.to_string()))?;
         a.filter.set_policy(&egress)?;
+        a.proxy.set_policy(compiled.clone());
+        a.dns.set(compiled);
         Ok(())
     }
 
@@ -192,7 +262,13 @@ impl Dataplane {
         let attached = self.lock().remove(id);
         let pin = self.pin_dir(id);
         blocking(move || match attached {
-            Some(Attached { filter, tasks }) => {
+            Some(Attached {
+                filter,
+                proxy,
+                tasks,
+                ..
+            }) => {
+                proxy.shutdown();
                 drop(tasks);
                 filter.detach()
             }
@@ -318,10 +394,15 @@ fn subtract(net: IpNet, holes: &[IpNet]) -> Vec<IpNet> {
     halves.flat_map(|half| subtract(half, holes)).collect()
 }
 
-async fn accept_loop(id: String, listener: tokio::net::TcpListener, events: Arc<EventLog>) {
+async fn accept_loop(
+    id: String,
+    listener: tokio::net::TcpListener,
+    events: Arc<EventLog>,
+    proxy: Arc<SandboxProxy>,
+) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
+            Ok((stream, _peer)) => {
                 let dst: Option<SocketAddr> = stream.local_addr().ok();
                 events.record(NetEvent {
                     seq: 0,
@@ -334,14 +415,70 @@ async fn accept_loop(id: String, listener: tokio::net::TcpListener, events: Arc<
                     name: None,
                     reason: "steered".into(),
                 });
-                tracing::debug!(sandbox = %id, %peer, ?dst, "steered connection accepted");
-                drop(stream);
+                tokio::spawn(proxy.clone().handle(stream));
             }
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Turns the proxy's and the resolver's reports into network events.
+struct EventSink {
+    id: String,
+    events: Arc<EventLog>,
+}
+
+impl EventSink {
+    fn record_denial(
+        &self,
+        protocol: &str,
+        dst: Option<SocketAddr>,
+        name: Option<&str>,
+        reason: &str,
+    ) {
+        self.events.record(NetEvent {
+            seq: 0,
+            time_ms: 0,
+            sandbox_id: self.id.clone(),
+            kind: Kind::Denied,
+            protocol: protocol.into(),
+            destination: dst.map(|d| d.ip()),
+            port: dst.map_or(53, |d| d.port()),
+            name: name.map(str::to_string),
+            reason: reason.to_string(),
+        });
+    }
+}
+
+impl ProxyEvents for EventSink {
+    fn denied(&self, name: Option<&str>, dst: SocketAddr, reason: &str) {
+        self.record_denial("tcp", Some(dst), name, reason);
+    }
+
+    fn tunneled(&self, name: Option<&str>, dst: SocketAddr, upstream: SocketAddr) {
+        tracing::debug!(sandbox = %self.id, ?name, %dst, %upstream, "tunnel open");
+    }
+
+    fn upstream_failed(&self, name: Option<&str>, dst: SocketAddr, reason: &str) {
+        tracing::info!(sandbox = %self.id, ?name, %dst, reason, "upstream failed");
+    }
+}
+
+impl DnsEvents for EventSink {
+    fn denied(&self, qname: &str, _qtype: u16, decision: DnsDecision) {
+        let reason = match decision {
+            DnsDecision::NxDomain => "dns_not_allowed",
+            DnsDecision::Refused => "dns_refused",
+            DnsDecision::Forward => "dns_invalid",
+        };
+        self.record_denial("dns", None, Some(qname), reason);
+    }
+
+    fn answered(&self, qname: &str, addrs: &[IpAddr]) {
+        tracing::debug!(sandbox = %self.id, qname, ?addrs, "dns answer");
     }
 }
 

@@ -196,9 +196,46 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let events = Arc::new(tollgate::events::EventLog::new(
         cfg.state_dir.join("events"),
     ));
+    let extra_floor: Vec<ipnet::IpNet> = cfg
+        .network
+        .deny_cidrs
+        .iter()
+        .copied()
+        .chain([cfg.network.pool.into(), cfg.network.pool6.into()])
+        .chain(
+            tollgate::dataplane::host_addresses()
+                .into_iter()
+                .map(ipnet::IpNet::from),
+        )
+        .collect();
+    let mut resolver_cfg = tollgate_proxy::dns::ResolverConfig::default();
+    if !cfg.dns.upstreams.is_empty() {
+        resolver_cfg.upstreams = cfg.dns.upstreams.clone();
+    }
+    resolver_cfg.timeout = Duration::from_millis(cfg.dns.timeout_ms);
+    anyhow::ensure!(
+        !resolver_cfg.upstreams.is_empty(),
+        "no DNS upstream: set [dns] upstreams in the config or a nameserver in /etc/resolv.conf"
+    );
+    let proxy_cfg = tollgate_proxy::proxy::ProxyConfig {
+        max_connections: cfg.proxy.max_connections,
+        connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
+        idle_timeout: Duration::from_millis(cfg.proxy.idle_timeout_ms),
+        detect: tollgate_proxy::detect::DetectLimits {
+            deadline: Duration::from_millis(cfg.proxy.detect_timeout_ms),
+            ..Default::default()
+        },
+        ipv6: true,
+        ..Default::default()
+    };
     let dataplane = Arc::new(tollgate::dataplane::Dataplane::new(
         tollgate::dataplane::default_pin_root().to_path_buf(),
-        floor,
+        tollgate::dataplane::Shared {
+            floor,
+            policy_floor: Arc::new(tollgate_proxy::policy::Floor::new(extra_floor)),
+            resolver: Arc::new(tollgate_proxy::dns::Resolver::new(resolver_cfg)),
+            proxy: proxy_cfg,
+        },
         events,
     ));
     let listen = cfg.listen;

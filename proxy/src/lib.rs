@@ -2,4 +2,9 @@
 //! ClientHello / Host detection, the tunnel, TLS interception and DNS.
 #![forbid(unsafe_code)]
 
+pub mod detect;
+pub mod dns;
 pub mod policy;
+pub mod proxy;
+pub mod respond;
+pub mod tunnel;

@@ -39,6 +39,17 @@ pub const METADATA4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub const PUBLIC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
 /// A private v6 canary address.
 pub const PRIVATE6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 0x10);
+/// Addresses the canary answers on (TCP and UDP).
+const CANARY_ADDRS: [IpAddr; 7] = [
+    IpAddr::V4(PUBLIC4),
+    IpAddr::V4(PRIVATE4),
+    IpAddr::V4(METADATA4),
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
+    IpAddr::V6(PUBLIC6),
+    IpAddr::V6(PRIVATE6),
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 2)),
+];
+
 /// Port of the host namespace's canary service (TCP and UDP).
 pub const HOST_PORT: u16 = 7777;
 /// TCP ports the canary serves.
@@ -349,10 +360,9 @@ impl Lab {
         let _ = ready_rx.recv_timeout(Duration::from_secs(5));
         // Responders.
         for port in TCP_PORTS {
-            for any in [
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            ] {
+            // The canary's own addresses only: other addresses of the
+            // upstream namespace belong to test origins.
+            for any in CANARY_ADDRS {
                 let stop = self.stop.clone();
                 let ns = self.up_ns.clone();
                 let listener = in_netns(&ns, move || {
@@ -390,17 +400,8 @@ impl Lab {
         }
         // One UDP socket per canary address and port, so that replies leave
         // from the address the client sent to (NAT on the way back needs it).
-        let addrs: [IpAddr; 7] = [
-            IpAddr::V4(PUBLIC4),
-            IpAddr::V4(PRIVATE4),
-            IpAddr::V4(METADATA4),
-            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
-            IpAddr::V6(PUBLIC6),
-            IpAddr::V6(PRIVATE6),
-            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 2)),
-        ];
         for port in UDP_PORTS {
-            for addr in addrs {
+            for addr in CANARY_ADDRS {
                 let stop = self.stop.clone();
                 let ns = self.up_ns.clone();
                 let sock = in_netns(&ns, move || {

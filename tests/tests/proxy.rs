@@ -174,7 +174,7 @@ fn allowed_tls_passes_untouched_and_64_mib_arrive_intact() {
     assert!(!o.ok);
     let err = o.error.clone().unwrap_or_default();
     assert!(
-        err.contains("AlertReceived"),
+        err.contains("received fatal alert"),
         "expected a TLS alert, got {err}"
     );
     assert_eq!(w.origin("denied.test").connections(), 0);

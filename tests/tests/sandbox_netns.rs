@@ -146,8 +146,15 @@ fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
     // Name resolution inside goes to the sandbox's own resolver.
     let (code, out, _) = cli_exec(&d, &id, &["cat", "/etc/resolv.conf"]);
     assert_eq!(code, 0);
-    let servers: Vec<&str> = out.lines().filter(|l| l.starts_with("nameserver")).collect();
-    assert_eq!(servers, ["nameserver 10.0.2.2", "nameserver fd00:7467::2"], "{out}");
+    let servers: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("nameserver"))
+        .collect();
+    assert_eq!(
+        servers,
+        ["nameserver 10.0.2.2", "nameserver fd00:7467::2"],
+        "{out}"
+    );
     let (_, out, _) = cli_exec(&d, &id, &["id", "-u"]);
     assert_eq!(out.trim(), "200000");
     let state = d.state_dir.to_string_lossy().into_owned();

@@ -1,0 +1,231 @@
+//! The sandbox's current policy and its open connections, under one lock, so
+//! that a policy swap and a decision can never interleave: every decision
+//! is taken (and recorded) under the same lock that [`Registry::set_policy`]
+//! holds while it swaps the policy and re-decides every open connection.
+//! There is no window in which a connection decided under the old policy
+//! escapes the sweep.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{watch, OwnedSemaphorePermit};
+
+use crate::policy::{CompiledPolicy, Proto, Verdict};
+
+/// Why a connection is being closed from outside its task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloseCause {
+    /// A policy update changed its verdict.
+    Revoked,
+    /// The proxy is shutting down.
+    Shutdown,
+}
+
+/// What kind of relay a connection is, which decides what a policy change
+/// does to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// An opaque tunnel (TLS passthrough, address-decided TCP, an upgraded
+    /// WebSocket): closed when its verdict changes in any way.
+    Tunnel,
+    /// A plain HTTP/1 connection: every request is decided on its own, and
+    /// the connection is closed when its last decision turns into a denial.
+    Http,
+}
+
+/// The last decision recorded for a connection.
+#[derive(Clone, Debug)]
+struct Decided {
+    name: Option<String>,
+    verdict: Verdict,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Original destination.
+    dst: SocketAddr,
+    decided: Option<Decided>,
+    close: watch::Sender<Option<CloseCause>>,
+}
+
+#[derive(Debug)]
+struct State {
+    policy: Arc<CompiledPolicy>,
+    next_id: u64,
+    conns: HashMap<u64, Entry>,
+    shut: bool,
+}
+
+/// Policy plus open connections of one sandbox.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    state: Mutex<State>,
+}
+
+/// A registered connection. Dropping it unregisters the connection and
+/// releases its slot under the connection cap.
+#[derive(Debug)]
+pub(crate) struct ConnHandle {
+    id: u64,
+    dst: SocketAddr,
+    registry: Arc<Registry>,
+    close: watch::Receiver<Option<CloseCause>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+// === impl Registry ===
+
+impl Registry {
+    pub(crate) fn new(policy: Arc<CompiledPolicy>) -> Self {
+        Self {
+            state: Mutex::new(State {
+                policy,
+                next_id: 0,
+                conns: HashMap::new(),
+                shut: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every
+        // critical section is a few map operations); keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection to `dst`. `None` once shut down.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<ConnHandle> {
+        let mut st = self.lock();
+        if st.shut {
+            return None;
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let (tx, rx) = watch::channel(None);
+        st.conns.insert(
+            id,
+            Entry {
+                dst,
+                decided: None,
+                close: tx,
+            },
+        );
+        Some(ConnHandle {
+            id,
+            dst,
+            registry: Arc::clone(self),
+            close: rx,
+            _permit: permit,
+        })
+    }
+
+    /// The current policy.
+    pub(crate) fn policy(&self) -> Arc<CompiledPolicy> {
+        Arc::clone(&self.lock().policy)
+    }
+
+    /// Swaps the policy and closes every connection whose verdict changed:
+    /// a tunnel on any change, an HTTP connection when its last decision
+    /// becomes a denial. Returns how many were told to close.
+    pub(crate) fn set_policy(&self, policy: Arc<CompiledPolicy>) -> usize {
+        let mut st = self.lock();
+        st.policy = policy;
+        let policy = Arc::clone(&st.policy);
+        let mut closed = 0;
+        for entry in st.conns.values() {
+            let Some(d) = &entry.decided else {
+                continue;
+            };
+            let now = policy.decide(
+                d.name.as_deref(),
+                entry.dst.ip(),
+                entry.dst.port(),
+                Proto::Tcp,
+            );
+            let revoke = match d.kind {
+                Kind::Tunnel => now != d.verdict,
+                Kind::Http => {
+                    matches!(now, Verdict::Deny(_)) && !matches!(d.verdict, Verdict::Deny(_))
+                }
+            };
+            if revoke {
+                entry.close.send_replace(Some(CloseCause::Revoked));
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Refuses new registrations and tells every open connection to close.
+    pub(crate) fn shutdown(&self) {
+        let mut st = self.lock();
+        st.shut = true;
+        for entry in st.conns.values() {
+            entry.close.send_replace(Some(CloseCause::Shutdown));
+        }
+    }
+
+    /// Open (registered) connections.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().conns.len()
+    }
+}
+
+// === impl ConnHandle ===
+
+impl ConnHandle {
+    /// The original destination.
+    pub(crate) fn dst(&self) -> SocketAddr {
+        self.dst
+    }
+
+    /// Decides `name` for this connection under the current policy and
+    /// records the verdict (atomically with respect to policy swaps).
+    /// Returns the verdict and the policy it was taken under.
+    pub(crate) fn decide(&self, name: Option<&str>, kind: Kind) -> (Verdict, Arc<CompiledPolicy>) {
+        let mut st = self.registry.lock();
+        let policy = Arc::clone(&st.policy);
+        let verdict = policy.decide(name, self.dst.ip(), self.dst.port(), Proto::Tcp);
+        if let Some(entry) = st.conns.get_mut(&self.id) {
+            entry.decided = Some(Decided {
+                name: name.map(str::to_string),
+                verdict: verdict.clone(),
+                kind,
+            });
+        }
+        (verdict, policy)
+    }
+
+    /// Turns this connection into a tunnel for policy updates (an HTTP
+    /// connection that upgraded to a WebSocket): from now on any change of
+    /// its last verdict closes it.
+    pub(crate) fn mark_tunnel(&self) {
+        let mut st = self.registry.lock();
+        if let Some(d) = st.conns.get_mut(&self.id).and_then(|e| e.decided.as_mut()) {
+            d.kind = Kind::Tunnel;
+        }
+    }
+
+    /// Completes when the connection is told to close.
+    pub(crate) async fn closed(&self) -> CloseCause {
+        let mut rx = self.close.clone();
+        let cause = match rx.wait_for(Option::is_some).await {
+            Ok(cause) => cause.unwrap_or(CloseCause::Shutdown),
+            // The sender lives in the registry until this handle drops.
+            Err(_) => CloseCause::Shutdown,
+        };
+        cause
+    }
+}
+
+impl Drop for ConnHandle {
+    fn drop(&mut self) {
+        self.registry.lock().conns.remove(&self.id);
+    }
+}
