@@ -44,6 +44,7 @@ struct Attached {
     filter: Filter,
     proxy: Arc<SandboxProxy>,
     dns: Arc<PolicyDns>,
+    sink: Arc<EventSink>,
     tasks: Tasks,
 }
 
@@ -170,6 +171,7 @@ impl Dataplane {
         let sink = Arc::new(EventSink {
             id: id.to_string(),
             events: self.events.clone(),
+            counts: Mutex::new(BTreeMap::new()),
         });
         let resolver: Arc<dyn Resolve> = self.shared.resolver.clone();
         let proxy = SandboxProxy::new(
@@ -194,7 +196,7 @@ impl Dataplane {
                 proxy.clone(),
             )));
         }
-        let server = DnsServer::new(dns.clone(), self.shared.resolver.clone(), sink);
+        let server = DnsServer::new(dns.clone(), self.shared.resolver.clone(), sink.clone());
         for u in [dns_socks.udp4, dns_socks.udp6] {
             let sock = tokio::net::UdpSocket::from_std(u).map_err(DataplaneError::Listeners)?;
             let s = server.clone();
@@ -221,6 +223,7 @@ impl Dataplane {
                 filter,
                 proxy,
                 dns,
+                sink,
                 tasks: Tasks(tasks),
             },
         );
@@ -243,17 +246,23 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Packets per verdict since the filter was attached.
+    /// Packets per eBPF verdict since the filter was attached, plus the
+    /// proxy's (`proxy_<reason>`) and the resolver's (`dns_<reason>`) denials.
     pub fn counters(&self, id: &str) -> Result<BTreeMap<String, u64>, DataplaneError> {
         let map = self.lock();
         let a = map
             .get(id)
             .ok_or_else(|| DataplaneError::NotAttached(id.to_string()))?;
-        Ok(a.filter
+        let mut out: BTreeMap<String, u64> = a
+            .filter
             .counters()?
             .iter()
             .map(|(r, n)| (r.as_str().to_string(), n))
-            .collect())
+            .collect();
+        if let Ok(counts) = a.sink.counts.lock() {
+            out.extend(counts.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        Ok(out)
     }
 
     /// Detaches and unpins a sandbox's filter and closes its listeners
@@ -429,6 +438,8 @@ async fn accept_loop(
 struct EventSink {
     id: String,
     events: Arc<EventLog>,
+    /// Denials per reason.
+    counts: Mutex<BTreeMap<String, u64>>,
 }
 
 impl EventSink {
@@ -439,6 +450,14 @@ impl EventSink {
         name: Option<&str>,
         reason: &str,
     ) {
+        let key = if reason.starts_with("dns_") {
+            reason.to_string()
+        } else {
+            format!("proxy_{reason}")
+        };
+        if let Ok(mut c) = self.counts.lock() {
+            *c.entry(key).or_insert(0) += 1;
+        }
         self.events.record(NetEvent {
             seq: 0,
             time_ms: 0,
