@@ -14,12 +14,20 @@ fn check(data: &[u8]) {
     };
     check_info(&info, data);
     let carried = data.get(..info.wire_len).unwrap_or_default();
-    assert_eq!(parse_client_hello(carried).ok().flatten().as_ref(), Some(&info));
-    let short = data.get(..info.wire_len.saturating_sub(1)).unwrap_or_default();
+    assert_eq!(
+        parse_client_hello(carried).ok().flatten().as_ref(),
+        Some(&info)
+    );
+    let short = data
+        .get(..info.wire_len.saturating_sub(1))
+        .unwrap_or_default();
     assert!(!matches!(parse_client_hello(short), Ok(Some(_))));
     // A cap at least the wire size never changes the answer.
     assert_eq!(
-        parse_client_hello_limited(carried, info.wire_len).ok().flatten().as_ref(),
+        parse_client_hello_limited(carried, info.wire_len)
+            .ok()
+            .flatten()
+            .as_ref(),
         Some(&info)
     );
     assert_eq!(
@@ -36,7 +44,10 @@ fn check_info(info: &ClientHelloInfo, data: &[u8]) {
         assert!(!sni.is_empty() && sni.len() <= 253, "{sni:?}");
         assert!(sni.is_ascii() && !sni.ends_with('.'), "{sni:?}");
         assert_eq!(*sni, sni.to_ascii_lowercase());
-        assert!(!sni.contains('\0') && !sni.contains('*') && !sni.contains(".."), "{sni:?}");
+        assert!(
+            !sni.contains('\0') && !sni.contains('*') && !sni.contains(".."),
+            "{sni:?}"
+        );
     }
 }
 

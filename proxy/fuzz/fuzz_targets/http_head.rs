@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(!bytes.contains(&0));
     assert!(head.version <= 1);
     let host = &head.host;
-    assert!(!host.is_empty() && host.is_ascii() && !host.ends_with('.'), "{host:?}");
+    assert!(
+        !host.is_empty() && host.is_ascii() && !host.ends_with('.'),
+        "{host:?}"
+    );
     assert_eq!(*host, host.to_ascii_lowercase());
     assert!(!host.contains('@') && !host.contains('['), "{host:?}");
     assert_ne!(head.port, Some(0));
