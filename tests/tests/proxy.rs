@@ -524,28 +524,57 @@ fn tightening_the_policy_closes_an_open_tunnel_within_a_second() {
 #[test]
 fn plain_http_is_checked_per_request_and_denials_are_403_with_a_reason() {
     let _g = serial();
-    let mut w = World::new("http", "10.214.112.0/20", &[("allowed.test", "198.51.100.20")], &[]);
+    let mut w = World::new(
+        "http",
+        "10.214.112.0/20",
+        &[("allowed.test", "198.51.100.20")],
+        &[],
+    );
     let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test"]}));
     let ns = format!("tollgate-{id}");
     let reply = tollgate_tests::lab::in_netns(&ns, || {
         use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect_timeout(&"198.51.100.10:80".parse().expect("addr"), Duration::from_secs(5))
-            .expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        c.write_all(b"GET / HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n").expect("write");
+        let mut c = std::net::TcpStream::connect_timeout(
+            &"198.51.100.10:80".parse().expect("addr"),
+            Duration::from_secs(5),
+        )
+        .expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c.write_all(b"GET / HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n")
+            .expect("write");
         let mut r = String::new();
         let _ = c.read_to_string(&mut r);
         r
     });
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
-    assert!(reply.to_ascii_lowercase().contains("x-tollgate-reason: domain_not_allowed"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("x-tollgate-reason: domain_not_allowed"),
+        "{reply}"
+    );
     assert!(
         !w.d.lab.canary.seen().iter().any(|s| s.proto == 6),
         "the canary was contacted: {:?}",
         w.d.lab.canary.seen()
     );
     let evs = w.events(&id);
-    assert!(evs.iter().any(|e| e["name"] == "denied.test" && e["reason"] == "domain_not_allowed"), "{evs:#?}");
-    let c = w.d.call(Method::GET, &format!("/v1/sandbox/{id}/network/counters"), "/v1/sandbox/{id}/network/counters", KEY_DEFAULT, None);
-    assert_eq!(c.body["counters"]["proxy_domain_not_allowed"], 1, "{}", c.body);
+    assert!(
+        evs.iter()
+            .any(|e| e["name"] == "denied.test" && e["reason"] == "domain_not_allowed"),
+        "{evs:#?}"
+    );
+    let c = w.d.call(
+        Method::GET,
+        &format!("/v1/sandbox/{id}/network/counters"),
+        "/v1/sandbox/{id}/network/counters",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(
+        c.body["counters"]["proxy_domain_not_allowed"], 1,
+        "{}",
+        c.body
+    );
 }
