@@ -4,6 +4,7 @@
 
 pub mod detect;
 pub mod dns;
+pub mod intercept;
 pub mod policy;
 pub mod proxy;
 pub mod respond;

@@ -21,11 +21,12 @@
 //!      rebinding) and dials the survivors in order on the original port.
 //!      The sandbox's destination IP is ignored (THREATS #3).
 //!    * `Tunnel { Dial::Addr }` → dial that address.
-//!    * `Intercept` (a transform domain) over TLS → **denied** with
-//!      `interception_unavailable` until TLS interception lands: failing
-//!      closed is the only safe answer, since a tunnel would let the
-//!      sandbox's own credentials through un-transformed. Over plain HTTP it
-//!      is forwarded without injection (values never pass over plaintext).
+//!    * `Intercept` (a transform domain) over TLS → terminated with a leaf
+//!      from the sandbox's CA and served by `intercept` (strip / inject per
+//!      request). Without [`ProxyConfig::interception`] it is **denied**
+//!      with `interception_unavailable`: a tunnel would let the sandbox's
+//!      own credentials through un-transformed. Over plain HTTP it is
+//!      forwarded without injection (values never pass over plaintext).
 //!    * A ClientHello offering only TLS 1.0 / 1.1 → denied (`tls_version`).
 //! 4. TLS and opaque tunnels relay bytes untouched ([`crate::tunnel`]);
 //!    the peeked bytes are still in the socket. Plain HTTP is served by
@@ -48,6 +49,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::detect::{self, ClientHelloInfo, DetectError, DetectLimits, Detected};
+use crate::intercept::Interception;
 use crate::policy::{CompiledPolicy, Dial, Verdict};
 use crate::respond::{self, RefuseAs};
 use crate::tunnel::{self, CopyMode, RelayEnd, RelayOptions, TunnelError};
@@ -55,6 +57,7 @@ use crate::tunnel::{self, CopyMode, RelayEnd, RelayOptions, TunnelError};
 mod dial;
 mod error;
 mod http;
+mod intercept;
 mod registry;
 mod resolve;
 
@@ -96,6 +99,10 @@ pub struct ProxyConfig {
     pub ipv6: bool,
     /// How tunnels move bytes. Default [`tunnel::DEFAULT_COPY_MODE`].
     pub copy_mode: CopyMode,
+    /// TLS interception for transform domains (this sandbox's CA and the
+    /// upstream trust). `None`: a TLS connection to a transform domain is
+    /// refused with `interception_unavailable` (fail closed).
+    pub interception: Option<Arc<Interception>>,
 }
 
 /// Where the proxy reports what it refused and what it relayed.
@@ -128,6 +135,8 @@ pub struct SandboxProxy {
     permits: Arc<Semaphore>,
     stop: watch::Sender<bool>,
     dialer: Dialer,
+    /// Upstream connections of intercepted requests.
+    pool: Arc<intercept::Pool>,
 }
 
 // === impl ProxyConfig ===
@@ -145,6 +154,7 @@ impl Default for ProxyConfig {
             max_header_bytes: 64 * 1024,
             ipv6: false,
             copy_mode: tunnel::DEFAULT_COPY_MODE,
+            interception: None,
         }
     }
 }
@@ -197,6 +207,7 @@ impl SandboxProxy {
             permits,
             stop: watch::channel(false).0,
             dialer,
+            pool: Arc::new(intercept::Pool::default()),
         }
     }
 
@@ -229,6 +240,12 @@ impl SandboxProxy {
     pub fn shutdown(&self) {
         self.stop.send_replace(true);
         self.registry.shutdown();
+        self.pool.shutdown();
+    }
+
+    /// The pool of intercepted requests' upstream connections.
+    pub(crate) fn pool(&self) -> &Arc<intercept::Pool> {
+        &self.pool
     }
 
     /// Connections currently open (detecting, relaying or serving HTTP).
@@ -304,14 +321,19 @@ impl SandboxProxy {
                 self.refuse(conn, dst, None, speak, ProxyError::Detect(e))
                     .await;
             }
-            Ok(Detected::Tls(hello)) => self.serve_tls(conn, handle, hello).await,
+            Ok(Detected::Tls(hello)) => Arc::clone(&self).serve_tls(conn, handle, hello).await,
             Ok(Detected::Http(_)) => http::serve(Arc::clone(&self), conn, handle).await,
             Ok(Detected::Opaque) => self.serve_opaque(conn, handle).await,
         }
     }
 
     /// TLS: decide on the SNI, then tunnel or refuse with an alert.
-    async fn serve_tls(&self, conn: TcpStream, handle: ConnHandle, hello: ClientHelloInfo) {
+    async fn serve_tls(
+        self: Arc<Self>,
+        conn: TcpStream,
+        handle: ConnHandle,
+        hello: ClientHelloInfo,
+    ) {
         let dst = handle.dst();
         let name = hello.sni.as_deref();
         let (verdict, policy) = handle.decide(name, Kind::Tunnel);
@@ -322,16 +344,24 @@ impl SandboxProxy {
                     .refuse(conn, dst, name, RefuseAs::Tls, ProxyError::Denied(r))
                     .await
             }
-            Verdict::Intercept { .. } => {
-                return self
-                    .refuse(
-                        conn,
-                        dst,
-                        name,
-                        RefuseAs::Tls,
-                        ProxyError::InterceptionUnavailable,
-                    )
-                    .await
+            Verdict::Intercept { name: matched, .. } => {
+                let Some(ic) = self.cfg.interception.clone() else {
+                    return self
+                        .refuse(
+                            conn,
+                            dst,
+                            name,
+                            RefuseAs::Tls,
+                            ProxyError::InterceptionUnavailable,
+                        )
+                        .await;
+                };
+                if !offers_tls12_or_later(&hello) {
+                    return self
+                        .refuse(conn, dst, name, RefuseAs::Tls, ProxyError::TlsVersion)
+                        .await;
+                }
+                return intercept::serve(Arc::clone(&self), conn, handle, matched, ic).await;
             }
             Verdict::Allow => {
                 let err = ProxyError::Internal("allow_verdict_for_tcp");

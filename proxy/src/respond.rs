@@ -48,6 +48,7 @@ pub fn status_for(err: &ProxyError) -> StatusCode {
     match err.side() {
         Side::Policy => StatusCode::FORBIDDEN,
         Side::Downstream => match err {
+            ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::Detect(DetectError::Timeout) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Detect(DetectError::TooLarge) => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
@@ -84,7 +85,10 @@ pub fn alert_for(err: &ProxyError) -> u8 {
 /// Whether the connection should close after the response to `err`: a
 /// downstream error leaves the request stream in an unknown state.
 pub fn closes_connection(err: &ProxyError) -> bool {
-    matches!(err.side(), Side::Downstream | Side::Internal)
+    // A misdirected request leaves the stream intact: the client may retry
+    // on another connection while this one serves its own name.
+    !matches!(err, ProxyError::Misdirected)
+        && matches!(err.side(), Side::Downstream | Side::Internal)
 }
 
 fn body_text(status: StatusCode, reason: &str) -> String {

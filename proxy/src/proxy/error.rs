@@ -95,6 +95,17 @@ pub enum ProxyError {
     /// The upstream's socket failed.
     #[error("upstream I/O: {0}")]
     UpstreamIo(#[source] io::Error),
+    /// The upstream's certificate failed verification (the reason code
+    /// says how); no request byte was sent.
+    #[error("upstream certificate rejected: {0}")]
+    UpstreamCertificate(&'static str),
+    /// The TLS handshake with the upstream failed otherwise.
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(#[source] io::Error),
+    /// An intercepted request's Host / `:authority` does not name the
+    /// connection's SNI (or its port is not the destination port).
+    #[error("the request's authority is not the connection's server name")]
+    Misdirected,
     /// A proxy bug or resource exhaustion.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -125,13 +136,17 @@ impl ProxyError {
             | Self::TlsVersion
             | Self::ResolvedForbidden { .. }
             | Self::ConnectionLimit => Side::Policy,
-            Self::Detect(_) | Self::BadRequest(_) | Self::DownstreamIo(_) => Side::Downstream,
+            Self::Detect(_) | Self::BadRequest(_) | Self::DownstreamIo(_) | Self::Misdirected => {
+                Side::Downstream
+            }
             Self::Resolve { .. }
             | Self::NoAddress(_)
             | Self::Connect { .. }
             | Self::ConnectTimeout
             | Self::UpstreamHttp(_)
-            | Self::UpstreamIo(_) => Side::Upstream,
+            | Self::UpstreamIo(_)
+            | Self::UpstreamCertificate(_)
+            | Self::UpstreamTls(_) => Side::Upstream,
             Self::Internal(_) => Side::Internal,
         }
     }
@@ -161,6 +176,9 @@ impl ProxyError {
             Self::ConnectTimeout => "upstream_connect_timeout",
             Self::UpstreamHttp(_) => "upstream_http",
             Self::UpstreamIo(_) => "upstream_io",
+            Self::UpstreamCertificate(r) => r,
+            Self::UpstreamTls(_) => "upstream_tls",
+            Self::Misdirected => "misdirected_request",
             Self::Internal(r) => r,
         }
     }

@@ -367,7 +367,7 @@ fn upstream_request(
 
 /// Removes hop-by-hop headers and those the `Connection` header nominates
 /// (except Host and Content-Length).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let nominated: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -393,7 +393,7 @@ fn relayed(resp: Response<Incoming>) -> Response<Body> {
 
 /// The upstream's `101` as the sandbox gets it: its headers minus the
 /// hop-by-hop ones, plus exactly `Connection: upgrade` and its `Upgrade`.
-fn switching_protocols(resp: Response<Incoming>) -> Response<Body> {
+pub(super) fn switching_protocols(resp: Response<Incoming>) -> Response<Body> {
     let (mut parts, _body) = resp.into_parts();
     let upgrade = parts.headers.get(UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);

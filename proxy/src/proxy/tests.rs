@@ -682,7 +682,7 @@ async fn legacy_tls_only_is_refused() {
 
 /// A transform domain over TLS fails closed until interception lands.
 #[tokio::test]
-async fn transform_domain_over_tls_is_denied_for_now() {
+async fn transform_domain_over_tls_without_interception_is_refused() {
     let [up] = <[TcpListener; 1]>::try_from(bind_same_port(&["127.0.0.2"]).await).unwrap();
     let upstream = canary(up);
     let p = policy(json!({
@@ -1522,3 +1522,5 @@ async fn oversized_and_stalled_heads() {
     );
     assert_eq!(seen.lock().unwrap().len(), 3);
 }
+
+mod intercept_tests;

@@ -1,0 +1,694 @@
+//! TLS interception for a transform domain: terminate the sandbox's TLS with
+//! a leaf from its CA, serve HTTP/1.1 or HTTP/2 (by ALPN) with hyper, and
+//! forward every request over verified TLS to the real upstream.
+//!
+//! Per connection:
+//! 1. The leaf for the SNI is minted (or taken from the cache) after the
+//!    ClientHello was read (`LazyConfigAcceptor`); the ClientHello rustls
+//!    parses must carry the same name the detector saw.
+//! 2. hyper serves the sandbox: h2 when ALPN says so, else HTTP/1.1 (with
+//!    upgrades).
+//!
+//! Per request:
+//! 1. `Host` (HTTP/1.1) / `:authority` (HTTP/2) must name the SNI (and the
+//!    original port, when a port is given), else `421` and nothing goes
+//!    upstream. `CONNECT` and `Upgrade: h2c` → `400`.
+//! 2. The policy decides again (a live update applies to the next request):
+//!    deny → `403`; still a transform → rewrite; allowed without a
+//!    transform any more → forwarded as it is.
+//! 3. Hop-by-hop headers go (`te: trailers` is kept for gRPC), then the
+//!    transform strips and injects; request trailers lose the stripped and
+//!    injected names. Bodies stream both ways.
+//! 4. Upstream: the NAME is dialled (floor and private answers refused as
+//!    for tunnels), TLS verified against the platform roots, ALPN h2 or
+//!    http/1.1, connections pooled per sandbox, name and port. A
+//!    certificate failure → `502` with `upstream_cert_*`; no request byte
+//!    was sent. Redirects are returned, never followed.
+//! 5. Response headers and trailers that carry an injected value are
+//!    redacted.
+//! 6. A WebSocket upgrade (HTTP/1.1) goes over a fresh HTTP/1.1-only
+//!    upstream connection and becomes a byte relay only on a genuine `101`.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, EXPECT, HOST, TE, UPGRADE};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::intercept::{Interception, Rewrite};
+use crate::policy::{CompiledPolicy, Dial, Transform, Verdict};
+use crate::respond::{self, Body};
+use crate::tunnel::Activity;
+
+use super::error::ProxyError;
+use super::http::{strip_hop_by_hop, switching_protocols};
+use super::registry::{ConnHandle, Kind};
+use super::SandboxProxy;
+
+mod pool;
+
+pub(crate) use pool::Pool;
+use pool::{Key, Sender};
+
+/// Request bodies as sent upstream.
+pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
+
+/// Bound on completing both sides of a WebSocket upgrade after the 101.
+const UPGRADE_WAIT: Duration = Duration::from_secs(10);
+
+/// One intercepted downstream connection.
+struct Conn {
+    proxy: Arc<SandboxProxy>,
+    ic: Arc<Interception>,
+    handle: ConnHandle,
+    /// The SNI, normalised (lower case, no trailing dot).
+    sni: String,
+    /// Whether the sandbox speaks HTTP/2 on this connection.
+    h2: bool,
+    activity: Arc<Activity>,
+    /// The last transform compiled, reused while the policy keeps it.
+    rewrite: Mutex<Option<(Arc<Transform>, Arc<Rewrite>)>>,
+}
+
+/// What the authority of a request says.
+struct Target {
+    host: String,
+    port: Option<u16>,
+}
+
+/// The sandbox's socket; every byte moved counts as activity.
+struct ActiveIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+/// Terminates TLS for `sni` and serves requests until the connection ends,
+/// idles out, or is told to close.
+pub(super) async fn serve(
+    proxy: Arc<SandboxProxy>,
+    conn: TcpStream,
+    handle: ConnHandle,
+    sni: String,
+    ic: Arc<Interception>,
+) {
+    let dst = handle.dst();
+    let sni = normalise(&sni);
+    if let Err(e) = ic.leaves().get(&sni) {
+        tracing::warn!(sandbox = %proxy.sandbox_id, %dst, error = %e, "minting a leaf failed");
+        let err = ProxyError::Internal("leaf_mint_failed");
+        proxy.report(Some(&sni), dst, &err);
+        respond::refuse(conn, respond::RefuseAs::Tls, &err).await;
+        return;
+    }
+    let activity = Arc::new(Activity::new());
+    let io = ActiveIo {
+        inner: conn,
+        activity: Arc::clone(&activity),
+    };
+    let handshake = async {
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+        let start = acceptor.await.map_err(|_| "tls_handshake_failed")?;
+        let same = start
+            .client_hello()
+            .server_name()
+            .is_some_and(|n| normalise(n) == sni);
+        if !same {
+            return Err("sni_mismatch");
+        }
+        start
+            .into_stream(ic.server_config())
+            .await
+            .map_err(|_| "tls_handshake_failed")
+    };
+    let tls = tokio::select! {
+        biased;
+        _ = handle.closed() => return,
+        r = tokio::time::timeout(proxy.cfg.http_header_timeout, handshake) => r,
+    };
+    let tls = match tls {
+        Ok(Ok(s)) => s,
+        Ok(Err(reason)) => {
+            proxy.events.denied(Some(&sni), dst, reason);
+            return;
+        }
+        Err(_) => {
+            proxy
+                .events
+                .denied(Some(&sni), dst, "tls_handshake_timeout");
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let cfg = proxy.cfg.clone();
+    let ctx = Arc::new(Conn {
+        proxy,
+        ic,
+        handle,
+        sni,
+        h2,
+        activity: Arc::clone(&activity),
+        rewrite: Mutex::new(None),
+    });
+    let svc_ctx = Arc::clone(&ctx);
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = Arc::clone(&svc_ctx);
+        async move { Ok::<_, Infallible>(ctx.request(req).await) }
+    });
+    let io = TokioIo::new(tls);
+    let served = async {
+        if h2 {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+            b.serve_connection(io, svc).await
+        } else {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(cfg.http_header_timeout)
+                .max_headers(cfg.max_request_headers)
+                .max_buf_size(cfg.max_header_bytes.max(8192))
+                .keep_alive(true);
+            b.serve_connection(io, svc).with_upgrades().await
+        }
+    };
+    tokio::select! {
+        r = served => {
+            if let Err(e) = r {
+                tracing::debug!(sandbox = %ctx.proxy.sandbox_id, %dst, error = %e, "intercepted connection ended");
+            }
+        }
+        _ = ctx.handle.closed() => {}
+        () = activity.idle_for(cfg.idle_timeout) => {}
+    }
+}
+
+/// Lower case, no trailing dot.
+fn normalise(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// Answers one request (never fails: refusals are responses).
+    async fn request(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let dst = self.handle.dst();
+        let name = Some(self.sni.as_str());
+        let target = match self.target(&req) {
+            Ok(t) => t,
+            Err(e) => return self.refuse(e),
+        };
+        if target.host != self.sni || target.port.is_some_and(|p| p != dst.port()) {
+            return self.refuse(ProxyError::Misdirected);
+        }
+        if req.method() == Method::CONNECT {
+            return self.refuse(ProxyError::BadRequest("connect_not_allowed"));
+        }
+        let upgrade = !self.h2 && wants_upgrade(&req);
+        if upgrade
+            && req
+                .headers()
+                .get_all(UPGRADE)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        {
+            return self.refuse(ProxyError::BadRequest("h2c_upgrade"));
+        }
+        let (verdict, policy) = self.handle.decide(name, Kind::Http);
+        let rewrite = match verdict {
+            Verdict::Intercept { transform, .. } => match self.rewrite_for(&transform) {
+                Ok(r) => Some(r),
+                Err(e) => return self.refuse(e),
+            },
+            // Still allowed, but no longer a transform domain: forwarded as
+            // it is.
+            Verdict::Tunnel { .. } => None,
+            Verdict::Deny(r) => return self.refuse(ProxyError::Denied(r)),
+            Verdict::Allow => return self.refuse(ProxyError::Internal("allow_verdict_for_tcp")),
+        };
+        match self
+            .forward(req, &target, upgrade, rewrite.as_deref(), &policy)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => self.refuse(e),
+        }
+    }
+
+    /// The request's authority: `:authority` / absolute URI, else the one
+    /// `Host`; both present → they must agree.
+    fn target(&self, req: &Request<Incoming>) -> Result<Target, ProxyError> {
+        let mut hosts = req.headers().get_all(HOST).iter();
+        let host = hosts.next();
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest("duplicate_host"));
+        }
+        let from_host = host
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<Authority>().ok())
+                    .ok_or(ProxyError::BadRequest("invalid_host"))
+            })
+            .transpose()?;
+        let auth = match (req.uri().authority(), from_host) {
+            (Some(a), Some(h)) => {
+                if !a.host().eq_ignore_ascii_case(h.host()) || a.port_u16() != h.port_u16() {
+                    return Err(ProxyError::Misdirected);
+                }
+                a.clone()
+            }
+            (Some(a), None) => a.clone(),
+            (None, Some(h)) => h,
+            (None, None) => return Err(ProxyError::BadRequest("missing_host")),
+        };
+        if auth.as_str().contains('@') {
+            return Err(ProxyError::BadRequest("userinfo_in_authority"));
+        }
+        Ok(Target {
+            host: normalise(auth.host()),
+            port: auth.port_u16(),
+        })
+    }
+
+    fn rewrite_for(&self, t: &Arc<Transform>) -> Result<Arc<Rewrite>, ProxyError> {
+        let mut cur = self.rewrite.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((rule, rw)) = cur.as_ref() {
+            if Arc::ptr_eq(rule, t) || **rule == **t {
+                return Ok(Arc::clone(rw));
+            }
+        }
+        let rw = Arc::new(Rewrite::new(t).map_err(|_| ProxyError::Internal("invalid_transform"))?);
+        *cur = Some((Arc::clone(t), Arc::clone(&rw)));
+        Ok(rw)
+    }
+
+    /// Reports a refusal and builds its response.
+    fn refuse(&self, err: ProxyError) -> Response<Body> {
+        self.proxy.report(Some(&self.sni), self.handle.dst(), &err);
+        let mut resp = respond::http_error(&err);
+        if self.h2 {
+            // Connection-specific headers are not allowed in HTTP/2.
+            resp.headers_mut().remove(CONNECTION);
+        }
+        resp
+    }
+
+    async fn forward(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        target: &Target,
+        upgrade: bool,
+        rewrite: Option<&Rewrite>,
+        policy: &CompiledPolicy,
+    ) -> Result<Response<Body>, ProxyError> {
+        let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let te_trailers = parts.headers.get_all(TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        let upgrade_value = parts.headers.get(UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(HOST);
+        // The proxy sends the body as soon as the upstream is ready; the
+        // sandbox's client got its `100 Continue` from hyper when the body
+        // was first polled.
+        parts.headers.remove(EXPECT);
+        if let Some(rw) = rewrite {
+            rw.apply(&mut parts.headers);
+        }
+        if te_trailers {
+            parts
+                .headers
+                .insert(TE, HeaderValue::from_static("trailers"));
+        }
+        if upgrade {
+            if let Some(v) = upgrade_value {
+                parts
+                    .headers
+                    .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(UPGRADE, v);
+            }
+        }
+        let trailer_rw = rewrite.cloned();
+        let body: UpBody = body
+            .map_frame(move |mut f| {
+                if let (Some(rw), Some(t)) = (&trailer_rw, f.trailers_mut()) {
+                    rw.apply_trailers(t);
+                }
+                f
+            })
+            .boxed();
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let authority = match target.port {
+            Some(p) => format!("{}:{p}", self.sni),
+            None => self.sni.clone(),
+        };
+        let head = Head {
+            method: parts.method,
+            path,
+            authority,
+            headers: parts.headers,
+        };
+        let key = Key {
+            name: self.sni.clone(),
+            port: self.handle.dst().port(),
+        };
+        let mut resp = if upgrade {
+            let sender = self.connect(policy, true).await?;
+            let Sender::H1(mut s) = sender else {
+                return Err(ProxyError::Internal("h2_for_upgrade"));
+            };
+            s.send_request(head.build(body, false)?)
+                .await
+                .map_err(ProxyError::UpstreamHttp)?
+        } else {
+            self.send_pooled(&key, head, body, policy).await?
+        };
+        if let Some(down) = down_upgrade {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let up = hyper::upgrade::on(&mut resp);
+                self.spawn_upgraded(down, up);
+                return Ok(switching_protocols(resp));
+            }
+            let mut resp = self.relayed(resp, rewrite);
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return Ok(resp);
+        }
+        Ok(self.relayed(resp, rewrite))
+    }
+
+    /// Sends over a pooled connection (or a new one). A request a pooled
+    /// connection could not take (it closed meanwhile) is retried once on
+    /// a fresh connection; its body was not touched.
+    async fn send_pooled(
+        self: &Arc<Self>,
+        key: &Key,
+        head: Head,
+        body: UpBody,
+        policy: &CompiledPolicy,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let pool = self.proxy.pool();
+        let mut pending = (head, body);
+        for attempt in 0..2 {
+            let pooled = if attempt == 0 {
+                pool.checkout(key).await
+            } else {
+                None
+            };
+            let sender = match pooled {
+                Some(s) => s,
+                None => {
+                    let s = self.connect(policy, false).await?;
+                    if let Sender::H2(h) = &s {
+                        pool.put_h2(key.clone(), h.clone());
+                    }
+                    s
+                }
+            };
+            let (head, body) = pending;
+            match sender {
+                Sender::H2(mut s) => {
+                    let req = head.build(body, true)?;
+                    return s.send_request(req).await.map_err(ProxyError::UpstreamHttp);
+                }
+                Sender::H1(mut s) => {
+                    let keep = head.clone();
+                    let req = head.build(body, false)?;
+                    let sent = s.try_send_request(req).await;
+                    match sent {
+                        Ok(resp) => {
+                            pool.checkin_h1_when_ready(key.clone(), s);
+                            return Ok(resp);
+                        }
+                        Err(mut e) => match e.take_message() {
+                            Some(req) if attempt == 0 => {
+                                pending = (keep, req.into_body());
+                            }
+                            _ => return Err(ProxyError::UpstreamHttp(e.into_error())),
+                        },
+                    }
+                }
+            }
+        }
+        Err(ProxyError::Internal("upstream_retry_exhausted"))
+    }
+
+    /// Dials the SNI's own addresses, verifies its certificate, and starts
+    /// an HTTP connection (h2 when the upstream picks it, unless
+    /// `http1_only`).
+    async fn connect(
+        &self,
+        policy: &CompiledPolicy,
+        http1_only: bool,
+    ) -> Result<Sender, ProxyError> {
+        let dst = self.handle.dst();
+        let proxy = &self.proxy;
+        let dialed = proxy
+            .dialer
+            .dial(
+                &*proxy.resolver,
+                policy,
+                &Dial::Name(self.sni.clone()),
+                dst.port(),
+            )
+            .await?;
+        let _ = dialed.stream.set_nodelay(true);
+        let config = if http1_only {
+            self.ic.trust().http1_only()
+        } else {
+            self.ic.trust().any_version()
+        };
+        let server_name = ServerName::try_from(self.sni.clone())
+            .map_err(|_| ProxyError::BadRequest("invalid_sni"))?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let tls = tokio::time::timeout(
+            proxy.cfg.connect_timeout,
+            connector.connect(server_name, dialed.stream),
+        )
+        .await
+        .map_err(|_| ProxyError::ConnectTimeout)?
+        .map_err(upstream_tls_error)?;
+        proxy.events.tunneled(Some(&self.sni), dst, dialed.addr);
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        let io = TokioIo::new(tls);
+        let pool = proxy.pool();
+        if h2 {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake::<_, UpBody>(io)
+                .await
+                .map_err(ProxyError::UpstreamHttp)?;
+            pool.spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::Builder::new()
+                .handshake::<_, UpBody>(io)
+                .await
+                .map_err(ProxyError::UpstreamHttp)?;
+            pool.spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
+
+    /// An upstream response as the sandbox gets it: hop-by-hop headers
+    /// removed, secrets redacted from headers and trailers, body streamed.
+    fn relayed(&self, resp: Response<Incoming>, rewrite: Option<&Rewrite>) -> Response<Body> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = if self.h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        parts.extensions = http::Extensions::new();
+        let body = match rewrite {
+            Some(rw) if !rw.is_noop() => {
+                if rw.redact(&mut parts.headers) > 0 {
+                    self.proxy
+                        .events
+                        .denied(Some(&self.sni), self.handle.dst(), "secret_redacted");
+                }
+                let rw = rw.clone();
+                body.map_frame(move |mut f| {
+                    if let Some(t) = f.trailers_mut() {
+                        rw.redact(t);
+                    }
+                    f
+                })
+                .boxed()
+            }
+            _ => body.boxed(),
+        };
+        Response::from_parts(parts, body)
+    }
+
+    /// Relays an upgraded (WebSocket) connection both ways until either
+    /// side closes, it idles out, or its verdict changes.
+    fn spawn_upgraded(self: &Arc<Self>, down: OnUpgrade, up: OnUpgrade) {
+        self.handle.mark_tunnel();
+        let ctx = Arc::clone(self);
+        tokio::spawn(async move {
+            let both = tokio::time::timeout(UPGRADE_WAIT, async { tokio::try_join!(down, up) });
+            let Ok(Ok((down, up))) = both.await else {
+                return;
+            };
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            let idle = ctx.proxy.cfg.idle_timeout;
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                _ = ctx.handle.closed() => {}
+                () = ctx.activity.idle_for(idle) => {}
+            }
+        });
+    }
+}
+
+/// Whether an HTTP/1.1 request asks for a protocol upgrade.
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(UPGRADE)
+        && req.headers().get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// A certificate failure gets its own reason; the rest is a TLS failure.
+fn upstream_tls_error(e: io::Error) -> ProxyError {
+    use rustls::CertificateError as C;
+    let reason = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|tls| match tls {
+            rustls::Error::InvalidCertificate(c) => Some(match c {
+                C::Expired | C::ExpiredContext { .. } => "upstream_cert_expired",
+                C::NotValidForName | C::NotValidForNameContext { .. } => "upstream_cert_wrong_name",
+                C::UnknownIssuer => "upstream_cert_unknown_issuer",
+                _ => "upstream_cert_invalid",
+            }),
+            _ => None,
+        });
+    match reason {
+        Some(r) => ProxyError::UpstreamCertificate(r),
+        None => ProxyError::UpstreamTls(e),
+    }
+}
+
+/// A request head ready to be built for either upstream protocol.
+#[derive(Clone)]
+struct Head {
+    method: Method,
+    path: PathAndQuery,
+    authority: String,
+    headers: http::HeaderMap,
+}
+
+impl Head {
+    /// HTTP/2: absolute URI, no Host. HTTP/1.1: origin form plus Host.
+    fn build(self, body: UpBody, h2: bool) -> Result<Request<UpBody>, ProxyError> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.headers_mut() = self.headers;
+        if h2 {
+            *req.uri_mut() = Uri::builder()
+                .scheme(Scheme::HTTPS)
+                .authority(self.authority.as_str())
+                .path_and_query(self.path)
+                .build()
+                .map_err(|_| ProxyError::BadRequest("invalid_target"))?;
+            *req.version_mut() = Version::HTTP_2;
+        } else {
+            *req.uri_mut() = Uri::from(self.path);
+            *req.version_mut() = Version::HTTP_11;
+            let host = HeaderValue::from_str(&self.authority)
+                .map_err(|_| ProxyError::BadRequest("invalid_host"))?;
+            req.headers_mut().insert(HOST, host);
+        }
+        Ok(req)
+    }
+}
+
+// === impl ActiveIo ===
+
+impl AsyncRead for ActiveIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for ActiveIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

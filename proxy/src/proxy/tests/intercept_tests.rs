@@ -1,0 +1,410 @@
+//! Interception on loopback: a TLS origin (h1 + h2) that records what it
+//! receives, the proxy with a sandbox CA, and hyper clients that trust only
+//! that CA.
+
+use ::http::{Request, StatusCode};
+use http_body_util::Empty;
+
+use super::*;
+use crate::intercept::{Interception, SandboxCa, UpstreamTrust, REDACTED};
+
+const SECRET: &str = "Bearer sk-live-0123456789abcdef";
+
+/// What the origin saw: requests and raw application bytes per connection.
+#[derive(Default)]
+struct Origin {
+    seen: Mutex<Vec<Seen>>,
+    versions: Mutex<Vec<::http::Version>>,
+    handshakes: AtomicUsize,
+}
+
+/// A TLS origin for the names of `p` speaking h2 and http/1.1:
+/// `/echo` echoes request headers as `x-echo-<name>`, `/redirect` answers
+/// 302 to another host, anything else `200 ok <path>`.
+fn tls_origin(l: TcpListener, p: &Pki) -> (Server, Arc<Origin>) {
+    let mut cfg = (*server_config(p)).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let origin = Arc::new(Origin::default());
+    let o = Arc::clone(&origin);
+    let server = serve_with(l, move |c| {
+        let acceptor = acceptor.clone();
+        let o = Arc::clone(&o);
+        async move {
+            let Ok(tls) = acceptor.accept(c).await else {
+                return;
+            };
+            o.handshakes.fetch_add(1, Ordering::SeqCst);
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let o = Arc::clone(&o);
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await?.to_bytes().to_vec();
+                    let mut resp = ::http::Response::new(Full::new(Bytes::from(format!(
+                        "ok {}",
+                        parts.uri.path()
+                    ))));
+                    match parts.uri.path() {
+                        "/echo" => {
+                            for (n, v) in &parts.headers {
+                                let name = format!("x-echo-{n}");
+                                resp.headers_mut().append(
+                                    ::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                                    v.clone(),
+                                );
+                            }
+                        }
+                        "/redirect" => {
+                            *resp.status_mut() = StatusCode::FOUND;
+                            resp.headers_mut().insert(
+                                "location",
+                                ::http::HeaderValue::from_static("https://elsewhere.test/x"),
+                            );
+                        }
+                        _ => {}
+                    }
+                    o.versions.lock().unwrap().push(parts.version);
+                    o.seen.lock().unwrap().push(Seen {
+                        method: parts.method.to_string(),
+                        uri: parts.uri.to_string(),
+                        headers: parts.headers,
+                        body,
+                    });
+                    Ok::<_, hyper::Error>(resp)
+                }
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+        }
+    });
+    (server, origin)
+}
+
+struct Setup {
+    h: Harness,
+    origin: Arc<Origin>,
+    upstream: Server,
+    ca: Arc<SandboxCa>,
+}
+
+fn transform_policy() -> Arc<CompiledPolicy> {
+    policy(json!({
+        "mode": "custom",
+        "transforms": [{
+            "domain": "api.test",
+            "inject_headers": { "Authorization": SECRET },
+            "strip_headers": ["x-api-key"]
+        }]
+    }))
+}
+
+async fn setup_with(origin_pki: &Pki, trust_pki: &Pki) -> Setup {
+    let [up] = <[TcpListener; 1]>::try_from(bind_same_port(&["127.0.0.2"]).await).unwrap();
+    let (upstream, origin) = tls_origin(up, origin_pki);
+    let ca = Arc::new(SandboxCa::generate("sbx-test").unwrap());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust_pki.ca.clone()).unwrap();
+    let ic = Interception::new(Arc::clone(&ca), UpstreamTrust::from_roots(roots).unwrap()).unwrap();
+    let cfg = ProxyConfig {
+        interception: Some(ic),
+        ..test_cfg()
+    };
+    let h = start(
+        transform_policy(),
+        StaticResolver::new().with("api.test", [ip("127.0.0.2")]),
+        cfg,
+        upstream.addr,
+        ip("127.0.0.1"),
+    )
+    .await;
+    Setup {
+        h,
+        origin,
+        upstream,
+        ca,
+    }
+}
+
+async fn setup() -> Setup {
+    let p = pki(&["api.test"]);
+    setup_with(&p, &p).await
+}
+
+/// A client that trusts only `ca`, offering `alpn`.
+fn sandbox_client(ca: &SandboxCa, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+enum Client {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Client {
+    async fn connect(s: &Setup, h2: bool) -> Self {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tls_connect(s.h.addr, sandbox_client(&s.ca, alpn), "api.test")
+            .await
+            .expect("the sandbox CA validates the minted leaf");
+        let io = TokioIo::new(tls);
+        if h2 {
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            Client::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Client::H1(send)
+        }
+    }
+
+    /// GET `path` with `authority` as Host / `:authority` and `headers`.
+    async fn get(
+        &mut self,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, ::http::HeaderMap, Vec<u8>) {
+        let mut b = Request::builder();
+        b = match self {
+            Client::H1(_) => b.uri(path).header("host", authority),
+            Client::H2(_) => b
+                .uri(format!("https://{authority}{path}"))
+                .version(::http::Version::HTTP_2),
+        };
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        let req = b.body(Empty::new()).unwrap();
+        let resp = bounded(async {
+            match self {
+                Client::H1(s) => s.send_request(req).await,
+                Client::H2(s) => s.send_request(req).await,
+            }
+        })
+        .await
+        .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = bounded(body.collect()).await.unwrap().to_bytes().to_vec();
+        (parts.status, parts.headers, body)
+    }
+}
+
+async fn injects_and_strips(h2: bool) {
+    let s = setup().await;
+    let mut c = Client::connect(&s, h2).await;
+    let (status, _, body) = c
+        .get(
+            "api.test",
+            "/v1/models",
+            &[
+                ("authorization", "Bearer sandbox-own"),
+                ("x-api-key", "leak-1"),
+                ("X-Api-Key", "leak-2"),
+                ("accept", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"ok /v1/models");
+    let seen = s.origin.seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    let got = &seen[0].headers;
+    let auth: Vec<_> = got.get_all("authorization").iter().collect();
+    assert_eq!(auth, vec![SECRET]);
+    assert!(got.get("x-api-key").is_none());
+    assert_eq!(got.get("accept").unwrap(), "application/json");
+    assert_eq!(seen[0].method, "GET");
+}
+
+#[tokio::test]
+async fn http1_request_gets_injected_and_stripped() {
+    injects_and_strips(false).await;
+}
+
+#[tokio::test]
+async fn http2_request_gets_injected_and_stripped() {
+    injects_and_strips(true).await;
+}
+
+#[tokio::test]
+async fn authority_other_than_sni_is_421_and_nothing_goes_upstream() {
+    let s = setup().await;
+    for h2 in [false, true] {
+        let mut c = Client::connect(&s, h2).await;
+        let (status, headers, _) = c.get("other.test", "/", &[]).await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "h2={h2}");
+        assert_eq!(
+            headers.get("x-tollgate-reason").unwrap(),
+            "misdirected_request"
+        );
+        // A port other than the original destination's is misdirected too.
+        let (status, _, _) = c.get("api.test:1", "/", &[]).await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "h2={h2}");
+        // The same connection still serves its own name.
+        let (status, _, _) = c.get("api.test", "/ok", &[]).await;
+        assert_eq!(status, StatusCode::OK, "h2={h2}");
+    }
+    let seen = s.origin.seen.lock().unwrap();
+    assert_eq!(
+        seen.iter()
+            .map(|r| r.uri.as_str())
+            .filter(|u| u.ends_with("/ok"))
+            .count(),
+        2
+    );
+    assert_eq!(
+        seen.len(),
+        2,
+        "misdirected requests must not reach the upstream"
+    );
+}
+
+#[tokio::test]
+async fn redirects_are_returned_not_followed() {
+    let s = setup().await;
+    let mut c = Client::connect(&s, false).await;
+    let (status, headers, _) = c.get("api.test", "/redirect", &[]).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(headers.get("location").unwrap(), "https://elsewhere.test/x");
+    assert_eq!(s.origin.seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn echoed_secret_is_redacted_before_the_sandbox_sees_it() {
+    let s = setup().await;
+    for h2 in [false, true] {
+        let mut c = Client::connect(&s, h2).await;
+        let (status, headers, _) = c.get("api.test", "/echo", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers.get("x-echo-authorization").unwrap(),
+            REDACTED,
+            "h2={h2}"
+        );
+        for (n, v) in &headers {
+            let v = v.to_str().unwrap_or("");
+            assert!(!v.contains("sk-live"), "{n}: {v} leaked (h2={h2})");
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_certificate_from_an_unknown_ca_is_502_and_no_request_is_sent() {
+    let origin = pki(&["api.test"]);
+    let trusted = pki(&["api.test"]);
+    let s = setup_with(&origin, &trusted).await;
+    let mut c = Client::connect(&s, false).await;
+    let (status, headers, _) = c.get("api.test", "/", &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    // Both test CAs have the same subject: the chain is found but its
+    // signature does not verify.
+    let reason = headers.get("x-tollgate-reason").unwrap().to_str().unwrap();
+    assert!(reason.starts_with("upstream_cert_"), "{reason}");
+    assert_eq!(s.origin.handshakes.load(Ordering::SeqCst), 0);
+    assert!(s.origin.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_certificate_for_another_name_is_502() {
+    let origin = pki(&["not-api.test"]);
+    let s = setup_with(&origin, &origin).await;
+    let mut c = Client::connect(&s, true).await;
+    let (status, headers, _) = c.get("api.test", "/", &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        headers.get("x-tollgate-reason").unwrap(),
+        "upstream_cert_wrong_name"
+    );
+    assert!(s.origin.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_across_sandbox_connections() {
+    let s = setup().await;
+    for h2 in [true, true, false, false] {
+        let mut c = Client::connect(&s, h2).await;
+        for _ in 0..3 {
+            let (status, _, _) = c.get("api.test", "/p", &[]).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+    assert_eq!(s.origin.seen.lock().unwrap().len(), 12);
+    // The upstream offers h2: one multiplexed connection serves every
+    // request, whichever protocol the sandbox spoke.
+    assert_eq!(s.upstream.accepted(), 1);
+    assert!(s
+        .origin
+        .versions
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|v| *v == ::http::Version::HTTP_2));
+}
+
+#[tokio::test]
+async fn policy_update_applies_to_the_next_request_and_revokes_denied() {
+    let s = setup().await;
+    let mut c = Client::connect(&s, false).await;
+    let (status, _, _) = c.get("api.test", "/1", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    // Still allowed, no transform any more: forwarded without injection.
+    s.h.proxy.set_policy(custom(&["api.test"]));
+    let (status, _, _) = c
+        .get("api.test", "/2", &[("authorization", "Bearer sandbox-own")])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    {
+        let seen = s.origin.seen.lock().unwrap();
+        assert_eq!(
+            seen[1].headers.get("authorization").unwrap(),
+            "Bearer sandbox-own"
+        );
+    }
+    // Denied now: the open connection is closed at once.
+    s.h.proxy.set_policy(custom(&["other.test"]));
+    let Client::H1(mut send) = c else {
+        unreachable!()
+    };
+    bounded(async {
+        while !send.is_closed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(send
+        .send_request(
+            Request::builder()
+                .uri("/3")
+                .header("host", "api.test")
+                .body(Empty::new())
+                .unwrap()
+        )
+        .await
+        .is_err());
+    assert_eq!(s.origin.seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn the_leaf_is_minted_once_for_many_connections() {
+    let s = setup().await;
+    for _ in 0..5 {
+        let mut c = Client::connect(&s, false).await;
+        c.get("api.test", "/", &[]).await;
+    }
+    let ic = s.h.proxy.config().interception.clone().unwrap();
+    assert_eq!(ic.leaves().mints(), 1);
+}
