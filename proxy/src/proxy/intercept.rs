@@ -173,7 +173,10 @@ pub(super) async fn serve(
     let served = async {
         if h2 {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            // BDP-based flow-control windows: the 64 KiB defaults cap a
+            // stream's throughput at one window per round trip.
             b.timer(TokioTimer::new())
+                .adaptive_window(true)
                 .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
             b.serve_connection(io, svc).await
         } else {
@@ -499,6 +502,7 @@ impl Conn {
         if h2 {
             let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .adaptive_window(true)
                 .handshake::<_, UpBody>(io)
                 .await
                 .map_err(ProxyError::UpstreamHttp)?;
