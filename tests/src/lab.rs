@@ -157,6 +157,8 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 
 impl Lab {
     /// Builds the lab and starts the canary.
+    // No `Default`: building a lab needs root and creates namespaces.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         crate::privileged::require_root();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);

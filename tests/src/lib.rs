@@ -3,7 +3,9 @@
 
 pub mod client;
 pub mod daemon;
+pub mod http_client;
 pub mod lab;
 pub mod openapi;
+pub mod origin;
 pub mod privileged;
 pub mod upstream;

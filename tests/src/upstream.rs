@@ -88,6 +88,20 @@ impl TestCa {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
     }
+
+    /// A certificate for `params` (names, validity, usages as given) signed
+    /// by this CA, with a fresh key.
+    pub fn sign(
+        &self,
+        params: &rcgen::CertificateParams,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
 }
 
 impl Drop for TestCa {
