@@ -369,6 +369,15 @@ impl<R: Runtime> Api<R> {
                     &json!({"items": items, "total_items": n}),
                 ))
             }
+            (Method::GET, ["sandbox", id, "ca.pem"]) => {
+                let pem = svc.ca_pem(&org, id)?;
+                let mut resp = Response::new(Full::new(Bytes::from(pem)));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(crate::ca::PEM_CONTENT_TYPE),
+                );
+                Ok(resp)
+            }
             (Method::GET, ["sandbox", id, "network", "counters"]) => {
                 let counters = svc.network_counters(&org, id)?;
                 Ok(json_response(

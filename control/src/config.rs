@@ -33,7 +33,7 @@ pub struct Config {
     pub templates: Vec<TemplateConfig>,
     /// How the proxy and the sandboxes' resolver reach DNS.
     pub dns: DnsConfig,
-    /// Per-sandbox proxy limits.
+    /// Per-sandbox proxy limits and the upstream trust of TLS interception.
     pub proxy: ProxyLimits,
 }
 
@@ -56,7 +56,7 @@ impl Default for DnsConfig {
     }
 }
 
-/// Per-sandbox proxy limits.
+/// Per-sandbox proxy limits, and whom TLS interception trusts upstream.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyLimits {
@@ -68,6 +68,10 @@ pub struct ProxyLimits {
     pub detect_timeout_ms: u64,
     /// A tunnel idle this long (ms) is closed.
     pub idle_timeout_ms: u64,
+    /// A PEM bundle of CAs trusted for upstream certificates of intercepted
+    /// connections in addition to the host's roots
+    /// (`/etc/ssl/certs/ca-certificates.crt`): private upstreams, tests.
+    pub upstream_ca_file: Option<PathBuf>,
 }
 
 impl Default for ProxyLimits {
@@ -77,6 +81,7 @@ impl Default for ProxyLimits {
             connect_timeout_ms: 10_000,
             detect_timeout_ms: 10_000,
             idle_timeout_ms: 3_600_000,
+            upstream_ca_file: None,
         }
     }
 }

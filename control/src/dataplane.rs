@@ -6,6 +6,11 @@
 //! its original destination (`getsockname()`, kept by `bpf_sk_assign`), then
 //! handed to the sandbox's [`SandboxProxy`]; the sandbox's resolver on its
 //! gateway answers by policy.
+//!
+//! Each sandbox also gets its own CA ([`crate::ca`]): created with the
+//! sandbox, reloaded after a daemon restart, removed with it. Its proxy
+//! intercepts TLS to transform domains with leaves minted from it, and its
+//! gateway serves the CA certificate on port 80 (`GET /ca.pem`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -13,13 +18,16 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use ipnet::IpNet;
 use tokio::task::JoinHandle;
 use tollgate_ebpf::{DropEvent, EgressPolicy, Filter, FloorSet, Mode, SandboxNet};
 use tollgate_proxy::dns::{DnsDecision, DnsEvents, DnsServer, PolicyDns, Resolver};
+use tollgate_proxy::intercept::{Interception, SandboxCa, UpstreamTrust};
 use tollgate_proxy::policy::{self, CompiledPolicy, Floor, NetworkPolicy};
 use tollgate_proxy::proxy::{ProxyConfig, ProxyEvents, Resolve, SandboxProxy};
 
+use crate::ca::{self, CaStore, CaStoreError};
 use crate::events::{EventLog, Kind, NetEvent};
 use crate::net::{self, NetworkInfo};
 
@@ -38,10 +46,14 @@ pub enum DataplaneError {
     /// The sandbox has no filter attached.
     #[error("no data plane for sandbox {0}")]
     NotAttached(String),
+    /// The sandbox's CA could not be created, loaded, used or removed.
+    #[error("{0}")]
+    Ca(#[from] CaStoreError),
 }
 
 struct Attached {
     filter: Filter,
+    ca: Arc<SandboxCa>,
     proxy: Arc<SandboxProxy>,
     dns: Arc<PolicyDns>,
     sink: Arc<EventSink>,
@@ -67,8 +79,13 @@ pub struct Shared {
     pub policy_floor: Arc<Floor>,
     /// The host-side resolver (one cache for every sandbox).
     pub resolver: Arc<Resolver>,
-    /// Per-sandbox proxy limits.
+    /// Per-sandbox proxy limits (its `interception` is set per sandbox).
     pub proxy: ProxyConfig,
+    /// Whom TLS interception trusts upstream: the host's roots plus
+    /// `[proxy] upstream_ca_file`.
+    pub trust: UpstreamTrust,
+    /// Where the sandboxes' CAs are kept (`<state_dir>/ca`).
+    pub cas: CaStore,
 }
 
 /// Every sandbox's data plane.
@@ -111,14 +128,28 @@ impl Dataplane {
         &self.events
     }
 
-    /// Attaches a new sandbox's filter and starts its proxy and resolver,
-    /// before its first process runs.
+    /// Creates a new sandbox's CA, attaches its filter and starts its proxy,
+    /// resolver and CA endpoint, before its first process runs. On failure
+    /// the caller releases what was made with [`Self::detach`].
     pub async fn attach(
         &self,
         id: &str,
         net: &NetworkInfo,
         policy: &NetworkPolicy,
     ) -> Result<(), DataplaneError> {
+        let (cas, sid) = (self.shared.cas.clone(), id.to_string());
+        let ca = blocking(move || cas.create(&sid)).await??;
+        let filter = self.attach_filter(id, net, policy).await?;
+        self.start(id, net, filter, policy, ca)
+    }
+
+    /// A new filter on the sandbox's link, pinned.
+    async fn attach_filter(
+        &self,
+        id: &str,
+        net: &NetworkInfo,
+        policy: &NetworkPolicy,
+    ) -> Result<Filter, DataplaneError> {
         let (pin, netns, ifname) = (
             self.pin_dir(id),
             net::netns_path(&net.router_netns),
@@ -132,32 +163,36 @@ impl Dataplane {
         let filter =
             blocking(move || Filter::attach(&pin, &netns, &ifname, &snet, &floor, &egress))
                 .await??;
-        self.start(id, net, filter, policy)
+        Ok(filter)
     }
 
-    /// After a daemon restart: reopens the pinned filter (enforcement never
-    /// stopped), makes it match `policy`, and starts a new proxy and
-    /// resolver. A sandbox whose pins are gone (a host reboot) is attached
-    /// afresh.
+    /// After a daemon restart: reloads the sandbox's CA (the guest keeps
+    /// trusting it; a CA that is gone or broken is replaced, with a warning),
+    /// reopens the pinned filter (enforcement never stopped), makes it match
+    /// `policy`, and starts a new proxy, resolver and CA endpoint. A sandbox
+    /// whose pins are gone (a host reboot) gets a new filter.
     pub async fn adopt(
         &self,
         id: &str,
         net: &NetworkInfo,
         policy: &NetworkPolicy,
     ) -> Result<(), DataplaneError> {
+        let (cas, sid) = (self.shared.cas.clone(), id.to_string());
+        let (ca, _replaced) = blocking(move || cas.load_or_create(&sid)).await??;
         let pin = self.pin_dir(id);
-        if !Filter::is_pinned(&pin) {
+        let filter = if Filter::is_pinned(&pin) {
+            let (floor, egress) = (self.shared.floor.clone(), egress_policy(policy));
+            blocking(move || {
+                let mut f = Filter::open_pinned(&pin)?;
+                f.replace(&floor, &egress)?;
+                Ok::<_, tollgate_ebpf::EbpfError>(f)
+            })
+            .await??
+        } else {
             tracing::warn!(sandbox = %id, "no pinned filter: attaching afresh");
-            return self.attach(id, net, policy).await;
-        }
-        let (floor, egress) = (self.shared.floor.clone(), egress_policy(policy));
-        let filter = blocking(move || {
-            let mut f = Filter::open_pinned(&pin)?;
-            f.replace(&floor, &egress)?;
-            Ok::<_, tollgate_ebpf::EbpfError>(f)
-        })
-        .await??;
-        self.start(id, net, filter, policy)
+            self.attach_filter(id, net, policy).await?
+        };
+        self.start(id, net, filter, policy, ca)
     }
 
     fn start(
@@ -166,7 +201,14 @@ impl Dataplane {
         net: &NetworkInfo,
         mut filter: Filter,
         policy: &NetworkPolicy,
+        ca: Arc<SandboxCa>,
     ) -> Result<(), DataplaneError> {
+        let interception = Interception::new(Arc::clone(&ca), self.shared.trust.clone())
+            .map_err(CaStoreError::from)?;
+        let proxy_cfg = ProxyConfig {
+            interception: Some(interception),
+            ..self.shared.proxy.clone()
+        };
         let compiled = self.compile(policy);
         let sink = Arc::new(EventSink {
             id: id.to_string(),
@@ -178,12 +220,13 @@ impl Dataplane {
             id.to_string(),
             compiled.clone(),
             resolver,
-            self.shared.proxy.clone(),
+            proxy_cfg,
             sink.clone(),
         );
         let dns = Arc::new(PolicyDns::new(compiled, true));
         let listeners = net::open_listeners(net).map_err(DataplaneError::Listeners)?;
         let dns_socks = net::open_dns_sockets(net).map_err(DataplaneError::Listeners)?;
+        let ca_socks = net::open_ca_listeners(net).map_err(DataplaneError::Listeners)?;
         filter.set_listeners(listeners.v4.as_fd(), Some(listeners.v6.as_fd()))?;
         let mut tasks = Vec::new();
         for l in [listeners.v4, listeners.v6] {
@@ -208,6 +251,17 @@ impl Dataplane {
             let s = server.clone();
             tasks.push(tokio::spawn(async move { s.serve_tcp(listener).await }));
         }
+        let (pem, slots) = (Bytes::from(ca.cert_pem().to_owned()), ca::endpoint_slots());
+        for l in [ca_socks.v4, ca_socks.v6] {
+            let listener =
+                tokio::net::TcpListener::from_std(l).map_err(DataplaneError::Listeners)?;
+            tasks.push(tokio::spawn(ca::serve_endpoint(
+                id.to_string(),
+                listener,
+                pem.clone(),
+                slots.clone(),
+            )));
+        }
         let reader = filter
             .event_reader()?
             .into_async()
@@ -221,6 +275,7 @@ impl Dataplane {
             id.to_string(),
             Attached {
                 filter,
+                ca,
                 proxy,
                 dns,
                 sink,
@@ -265,8 +320,18 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Detaches and unpins a sandbox's filter and closes its listeners
-    /// (idempotent; also cleans pins of a sandbox this process never saw).
+    /// The sandbox's CA certificate (PEM): the one its proxy uses, else the
+    /// stored one (a sandbox whose data plane could not be re-adopted).
+    pub fn ca_pem(&self, id: &str) -> Option<String> {
+        if let Some(a) = self.lock().get(id) {
+            return Some(a.ca.cert_pem().to_owned());
+        }
+        self.shared.cas.cert_pem(id)
+    }
+
+    /// Detaches and unpins a sandbox's filter, closes its listeners and
+    /// removes its CA (idempotent; also cleans pins and the CA of a sandbox
+    /// this process never saw).
     pub async fn detach(&self, id: &str) -> Result<(), DataplaneError> {
         let attached = self.lock().remove(id);
         let pin = self.pin_dir(id);
@@ -284,6 +349,8 @@ impl Dataplane {
             None => Filter::remove(&pin),
         })
         .await??;
+        let (cas, sid) = (self.shared.cas.clone(), id.to_string());
+        blocking(move || cas.remove(&sid)).await??;
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! wires these together.
 
 pub mod api;
+pub mod ca;
 pub mod client;
 pub mod config;
 pub mod dataplane;

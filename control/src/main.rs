@@ -177,15 +177,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             keys.insert(k.clone(), o.name.clone());
         }
     }
+    // Whom TLS interception trusts upstream: checked before anything is set
+    // up, so a bad bundle stops the daemon at once.
+    let trust = upstream_trust(cfg.proxy.upstream_ca_file.as_deref())?;
     let exe = std::env::current_exe().context("cannot find the tollgate binary")?;
     tollgate::net::host_setup(&tollgate::net::NetPlan::from(&cfg.network))
         .await
         .context("host network setup")?;
     let resolv_conf = write_resolv_conf()?;
+    // The state dir (API key, store, CA keys) is hidden in every sandbox.
     let runtime = NetnsRuntime::new(NetnsConfig {
         exe,
         hide_paths: vec![cfg.state_dir.clone()],
         resolv_conf: Some(resolv_conf),
+        files_dir: Some(PathBuf::from(RUN_DIR).join("sandboxes")),
+        system_roots: PathBuf::from(tollgate_proxy::intercept::SYSTEM_BUNDLE),
     });
     tollgate_ebpf::ensure_bpffs().context("bpffs")?;
     let floor = tollgate::dataplane::floor(
@@ -235,6 +241,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             policy_floor: Arc::new(tollgate_proxy::policy::Floor::new(extra_floor)),
             resolver: Arc::new(tollgate_proxy::dns::Resolver::new(resolver_cfg)),
             proxy: proxy_cfg,
+            trust,
+            cas: tollgate::ca::CaStore::in_state_dir(&cfg.state_dir),
         },
         events,
     ));
@@ -265,10 +273,38 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The daemon's runtime directory: the sandboxes' resolv.conf and their CA
+/// bundles (public files only; keys live in the state dir).
+const RUN_DIR: &str = "/run/tollgate";
+
+/// The upstream trust of TLS interception: the host's roots plus `extra`.
+fn upstream_trust(
+    extra: Option<&Path>,
+) -> anyhow::Result<tollgate_proxy::intercept::UpstreamTrust> {
+    use tollgate_proxy::intercept::{UpstreamTrust, SYSTEM_BUNDLE};
+    let trust = UpstreamTrust::system(extra).with_context(|| match extra {
+        Some(p) => format!(
+            "cannot build the upstream trust of TLS interception from {SYSTEM_BUNDLE} and \
+             [proxy] upstream_ca_file = {:?}",
+            p.display().to_string()
+        ),
+        None => format!(
+            "cannot build the upstream trust of TLS interception from {SYSTEM_BUNDLE} \
+             (apt-get install -y ca-certificates, or set [proxy] upstream_ca_file)"
+        ),
+    })?;
+    tracing::info!(
+        roots = trust.root_count(),
+        extra = ?extra.map(Path::display),
+        "upstream trust for TLS interception loaded"
+    );
+    Ok(trust)
+}
+
 /// The `/etc/resolv.conf` every sandbox sees: its own resolver at its
 /// gateway (the same addresses in every sandbox).
 fn write_resolv_conf() -> anyhow::Result<PathBuf> {
-    let dir = PathBuf::from("/run/tollgate");
+    let dir = PathBuf::from(RUN_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("resolv.conf");
     let text = format!(

@@ -18,11 +18,14 @@
 //!           forwarding on
 //!           rule fwmark 0x1/0x1 lookup 100; table 100: local 0.0.0.0/0 dev lo, local ::/0 dev lo
 //!           proxy listeners 0.0.0.0:15001 and [::]:15001 (IP_TRANSPARENT, open_listeners)
+//!           the sandbox's resolver on 10.0.2.2:53 / [fd00:7467::2]:53 (open_dns_sockets)
+//!           its CA certificate over HTTP on 10.0.2.2:80 / [fd00:7467::2]:80 (open_ca_listeners)
 //!           nftables `inet tollgate`:
 //!             forward      policy drop; tgs0 → up0 only with mark & 0x2 (set by eBPF for
 //!                          allowed traffic); up0 → tgs0 established/related
 //!             input        from tgs0: mark & 0x1 (steered to the proxy), established/related,
-//!                          tcp/udp 53 to the gateway, ICMP echo, ICMPv6 echo + NDP; drop the rest
+//!                          tcp/udp 53 and tcp 80 to the gateway, ICMP echo, ICMPv6
+//!                          echo + NDP; drop the rest
 //!             postrouting  masquerade oif up0 (hides the shared guest address)
 //!      │ veth
 //!  root namespace
@@ -113,6 +116,10 @@ pub const DEFAULT_POOL6: Ipv6Net =
 
 /// Port of the proxy listeners in the router namespace.
 pub const LISTENER_PORT: u16 = 15001;
+/// TCP port on the gateway where the daemon serves the sandbox's CA
+/// certificate (`GET /ca.pem`, plain HTTP); the eBPF program passes it
+/// locally in every mode.
+pub const CA_PORT: u16 = tollgate_ebpf::abi::GATEWAY_HTTP_PORT;
 /// Listen backlog of the proxy listeners.
 pub const LISTENER_BACKLOG: i32 = 1024;
 /// Packet mark (and mask) of traffic steered to the proxy: routed to the local
@@ -782,6 +789,35 @@ pub fn open_dns_sockets(info: &NetworkInfo) -> io::Result<DnsSockets> {
             udp6: udp(SocketAddr::from((g6, 53)))?,
             tcp4: tcp(SocketAddr::from((g4, 53)))?,
             tcp6: tcp(SocketAddr::from((g6, 53)))?,
+        })
+    })
+}
+
+/// The listeners of the sandbox's CA endpoint (TCP [`CA_PORT`] on the
+/// gateway, v4 and v6), inside the router namespace.
+#[derive(Debug)]
+pub struct CaListeners {
+    /// `10.0.2.2:80`.
+    pub v4: TcpListener,
+    /// `[fd00:7467::2]:80`.
+    pub v6: TcpListener,
+}
+
+/// Opens [`CaListeners`] inside the router namespace of `info`,
+/// non-blocking.
+pub fn open_ca_listeners(info: &NetworkInfo) -> io::Result<CaListeners> {
+    ns::validate_netns_name(&info.router_netns)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let (g4, g6) = (info.gateway_v4, info.gateway_v6);
+    ns::run_in_blocking(&netns_path(&info.router_netns), move || {
+        let tcp = |a: SocketAddr| -> io::Result<TcpListener> {
+            let l = TcpListener::bind(a)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        Ok(CaListeners {
+            v4: tcp(SocketAddr::from((g4, CA_PORT)))?,
+            v6: tcp(SocketAddr::from((g6, CA_PORT)))?,
         })
     })
 }

@@ -121,6 +121,11 @@ pub fn document() -> Value {
                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}]))},
             "/v1/sandbox/{id}/network/counters": {"get": op("Packets per eBPF verdict since the sandbox's filter was attached", None,
                 ok("200", "Counters by reason", "NetCounters"), &["401", "404", "409", "500"], id_param("id"))},
+            "/v1/sandbox/{id}/ca.pem": {"get": op("The sandbox's CA certificate (PEM): what the sandbox trusts for intercepted TLS. \
+                The private key never leaves the host. Inside the sandbox the same certificate is served without credentials at http://10.0.2.2/ca.pem", None,
+                (String::from("200"), json!({"description": "The CA certificate, PEM",
+                    "content": {"application/x-pem-file": {"schema": {"type": "string"}}}})),
+                &["401", "404", "409"], id_param("id"))},
             "/v1/snapshots": {"get": op("List the organization's snapshots", None,
                 ok("200", "A page of snapshots", "SnapshotList"), &["400", "401"],
                 list_params(&["created_at", "template_id"], json!({"name": "query", "in": "query", "schema": {"type": "string", "maxLength": 64}})))},

@@ -46,6 +46,10 @@ pub struct SandboxSpec {
     pub vcpu: u32,
     /// Memory granted in MiB (informational for the netns backend).
     pub memory_mib: u32,
+    /// The sandbox's CA certificate (PEM), which its proxy intercepts with:
+    /// the runtime makes the guest trust it (see [`Runtime::install_ca`]).
+    /// `None`: nothing is installed.
+    pub ca_pem: Option<String>,
 }
 
 /// Handle a runtime returns for a started sandbox; persisted so that a
@@ -152,6 +156,17 @@ pub trait Runtime: Send + Sync + 'static {
     /// After a daemon restart: is this sandbox still alive (same PID, same start
     /// time, sandbox namespace present)?
     fn is_alive(&self, handle: &RuntimeHandle) -> bool;
+    /// Makes sandbox `id` trust `ca_pem` (its CA certificate) in addition to
+    /// the host's roots: the netns backend writes the bundle the sandbox's
+    /// `SSL_CERT_FILE` & co. point at. [`Runtime::start`] does it for a new
+    /// sandbox (from [`SandboxSpec::ca_pem`]); the daemon calls this for a
+    /// sandbox it re-adopts after a restart.
+    fn install_ca(
+        &self,
+        id: &str,
+        handle: &RuntimeHandle,
+        ca_pem: &str,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
 }
 
 pub mod netns;

@@ -127,7 +127,16 @@ impl<R: Runtime> Service<R> {
                         tracing::info!(sandbox = %r.id, state = r.state.as_str(), "re-adopted");
                         if let Some(h) = &r.runtime {
                             match dataplane.adopt(&r.id, &h.network, &r.network_policy).await {
-                                Ok(()) => r.status_reason = None,
+                                Ok(()) => {
+                                    r.status_reason = None;
+                                    // The guest's bundle matches the CA the
+                                    // proxy uses (a replaced CA included).
+                                    if let Some(pem) = dataplane.ca_pem(&r.id) {
+                                        if let Err(e) = runtime.install_ca(&r.id, h, &pem).await {
+                                            tracing::warn!(sandbox = %r.id, error = %e, "cannot reinstall the sandbox's CA bundle");
+                                        }
+                                    }
+                                }
                                 Err(e) => {
                                     // The pinned filter keeps enforcing; without
                                     // listeners TCP is dropped (fail closed).
@@ -358,14 +367,22 @@ impl<R: Runtime> Service<R> {
             uid: record.uid,
             vcpu,
             memory_mib,
+            ca_pem: None,
         };
         let started = async {
             let network = net::setup(&self.net_plan(), &spec.id, spec.slot)
                 .await
                 .map_err(RuntimeError::from)?;
             // Enforcement is in place before the sandbox's first process runs.
+            // So is the sandbox's CA, which the runtime makes the guest trust.
             let attached = match self.dataplane.attach(&spec.id, &network, &record.network_policy).await {
-                Ok(()) => self.runtime.start(&spec, &network).await.map_err(ServiceError::from),
+                Ok(()) => {
+                    let spec = SandboxSpec {
+                        ca_pem: self.dataplane.ca_pem(&spec.id),
+                        ..spec.clone()
+                    };
+                    self.runtime.start(&spec, &network).await.map_err(ServiceError::from)
+                }
                 Err(e) => Err(ServiceError::from(e)),
             };
             if attached.is_err() {
@@ -671,6 +688,21 @@ impl<R: Runtime> Service<R> {
     ) -> Result<Vec<NetEvent>, ServiceError> {
         self.get(org, id)?;
         Ok(self.dataplane.events().list(id, after, limit))
+    }
+
+    /// `GET /v1/sandbox/{id}/ca.pem`: the sandbox's CA certificate (PEM),
+    /// never its key. 409 for a sandbox that no longer has one (deleted).
+    pub fn ca_pem(&self, org: &str, id: &str) -> Result<String, ServiceError> {
+        let r = self.get(org, id)?;
+        if r.state == State::Deleted {
+            return Err(ServiceError::Conflict(format!(
+                "sandbox is {}",
+                r.state.as_str()
+            )));
+        }
+        self.dataplane
+            .ca_pem(id)
+            .ok_or_else(|| ServiceError::Conflict("sandbox has no CA".into()))
     }
 
     /// Packets per eBPF verdict since the sandbox's filter was attached.

@@ -10,7 +10,8 @@
  *      without IPv6, extension headers and spoofed sources drop; NDP passes
  *      only link-locally (hop limit 255, link-scoped destination).
  *   3. L4: only TCP, UDP and ICMP(v6) echo.
- *   4. Gateway: only DNS (UDP/TCP 53) and echo; DNS too is dropped in deny-all.
+ *   4. Gateway: only DNS (UDP/TCP 53), echo and TCP 80 (the host's CA
+ *      endpoint); DNS is dropped in deny-all, TCP 80 passes in every mode.
  *   5. Floor (with the IPv4 embedded in mapped / compatible / NAT64 / 6to4 /
  *      Teredo IPv6 addresses): dropped in every mode.
  *   6. deny-all: dropped.  7. allow_cidrs: forwarded (mark FORWARD).
@@ -397,6 +398,10 @@ static __always_inline __u32 decide(struct __sk_buff *skb, const struct tg_pkt *
 	to_gateway = v4 ? addr4_eq(p->dst, net->gateway_v4) : addr6_eq(p->dst, net->gateway_v6);
 	if (to_gateway) {
 		if (icmp)
+			return TG_PASS_LOCAL;
+		/* The host's own service (the sandbox's CA certificate), not
+		 * egress: every mode, deny-all included. */
+		if (p->proto == IPPROTO_TCP && p->dport == TG_GATEWAY_HTTP_PORT)
 			return TG_PASS_LOCAL;
 		if (p->dport != DNS_PORT)
 			return TG_DROP_GATEWAY_PORT;

@@ -43,6 +43,11 @@ enum tg_class {
 #define TG_MARK_FORWARD 0x2u
 #define TG_MARK_MASK (TG_MARK_LOCAL | TG_MARK_FORWARD)
 
+/* TCP port of the host's own service on the gateway address (the daemon
+ * serves the sandbox's CA certificate there): delivered locally in every
+ * mode, deny-all included, because it is not egress. */
+#define TG_GATEWAY_HTTP_PORT 80
+
 /* Keys of tg_listeners (the proxy's transparent listeners). */
 #define TG_LISTENER_V4 0
 #define TG_LISTENER_V6 1
@@ -59,7 +64,7 @@ enum tg_class {
 /* Why a packet passed or was dropped: the index of tg_counters and
  * tg_event.reason. Passes come first; every value >= TG_FIRST_DROP drops. */
 enum tg_reason {
-	TG_PASS_LOCAL = 0,	 /* ARP, NDP, DNS / echo to the gateway */
+	TG_PASS_LOCAL = 0,	 /* ARP, NDP, DNS / echo / TCP 80 to the gateway */
 	TG_PASS_CIDR = 1,	 /* destination in allow_cidrs (mark FORWARD) */
 	TG_PASS_PUBLIC = 2,	 /* allow-all UDP / echo to a public address (mark FORWARD) */
 	TG_STEERED = 3,		 /* TCP assigned to the proxy's listener (mark LOCAL) */
@@ -72,7 +77,7 @@ enum tg_reason {
 	TG_DROP_SPOOF = 10,	 /* source is not the sandbox's address */
 	TG_DROP_L4_PROTO = 11,	 /* not TCP / UDP / ICMP(v6) */
 	TG_DROP_ICMP_TYPE = 12,	 /* ICMP other than echo (and NDP) */
-	TG_DROP_GATEWAY_PORT = 13, /* to the gateway, not DNS or echo */
+	TG_DROP_GATEWAY_PORT = 13, /* to the gateway, not DNS, echo or TCP 80 */
 	TG_DROP_FLOOR = 14,	 /* destination in the floor */
 	TG_DROP_DENY_ALL = 15,	 /* deny-all mode */
 	TG_DROP_PRIVATE = 16,	 /* allow-all UDP / echo to a private range */

@@ -34,6 +34,11 @@ pub const MARK_LOCAL: u32 = 0x1;
 /// `TG_MARK_FORWARD`: the bit the router's nftables forward chain requires.
 pub const MARK_FORWARD: u32 = 0x2;
 
+/// `TG_GATEWAY_HTTP_PORT`: TCP port of the host's own service on the
+/// gateway address (the sandbox's CA certificate); delivered locally in
+/// every mode, deny-all included.
+pub const GATEWAY_HTTP_PORT: u16 = 80;
+
 /// `TG_LISTENER_V4`: sockmap slot of the IPv4 listener.
 pub const LISTENER_V4: u32 = 0;
 /// `TG_LISTENER_V6`: sockmap slot of the IPv6 listener.

@@ -13,7 +13,7 @@ use crate::error::EbpfError;
 pub struct SandboxNet {
     /// The guest's IPv4 address: the only IPv4 source accepted.
     pub guest_v4: Ipv4Addr,
-    /// The router's address on the link (DNS and echo only).
+    /// The router's address on the link (DNS, echo and TCP 80 only).
     pub gateway_v4: Ipv4Addr,
     /// The guest's IPv6 address; `None` drops all IPv6.
     pub guest_v6: Option<Ipv6Addr>,

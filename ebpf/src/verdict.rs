@@ -38,7 +38,7 @@ macro_rules! reasons {
 }
 
 reasons! {
-    /// ARP, NDP, DNS or echo to the gateway.
+    /// ARP, NDP, DNS, echo or TCP 80 (the CA endpoint) to the gateway.
     PassLocal = 0 => "pass_local",
     /// Destination in allow_cidrs (forwarded, mark 0x2).
     PassCidr = 1 => "pass_cidr",
@@ -64,7 +64,7 @@ reasons! {
     DropL4Proto = 11 => "drop_l4_proto",
     /// ICMP other than echo (and NDP).
     DropIcmpType = 12 => "drop_icmp_type",
-    /// To the gateway, not DNS or echo.
+    /// To the gateway, not DNS, echo or TCP 80.
     DropGatewayPort = 13 => "drop_gateway_port",
     /// Destination in the floor.
     DropFloor = 14 => "drop_floor",

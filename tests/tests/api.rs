@@ -4,11 +4,17 @@
 //! checked against `/v1/openapi.json` by the harness.
 
 use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
+use tollgate_proxy::intercept::SandboxCa;
 use tollgate_tests::daemon::{default_config, remove_state, Daemon, KEY_DEFAULT, KEY_OTHER};
+use tollgate_tests::lab::in_netns;
+use tollgate_tests::privileged::{require_root, tollgate_bin, TempDir};
 
 /// One daemon at a time per test binary: they share the host's namespace table.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -681,4 +687,305 @@ fn generated_key_is_printed_kept_0600_and_reused_after_restart() {
     );
     drop(d);
     remove_state(&state);
+}
+
+// ---------------------------------------------------------------------------
+// the sandbox CA
+
+/// Where the daemon keeps sandbox `id`'s files that the sandbox sees.
+fn host_files_dir(id: &str) -> std::path::PathBuf {
+    Path::new("/run/tollgate/sandboxes").join(id)
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// A GET whose answer is not JSON: (status, content type, body).
+fn get_text(d: &Daemon, path: &str, key: Option<&str>) -> (StatusCode, String, String) {
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let auth = key.map_or_else(String::new, |k| format!("Authorization: Bearer {k}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let raw = in_netns(&d.lab.host_ns, move || {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect to the API");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(request.as_bytes()).expect("send");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("read answer");
+        String::from_utf8(raw).expect("UTF-8 answer")
+    });
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP answer");
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let content_type = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    (
+        StatusCode::from_u16(status).expect("status"),
+        content_type,
+        body.to_string(),
+    )
+}
+
+/// `POST /v1/sandbox/{id}/process/execute` with `/bin/sh -c command`:
+/// (exit code, stdout, stderr).
+fn sh(d: &mut Daemon, id: &str, command: &str) -> (i64, String, String) {
+    let a = d.call(
+        Method::POST,
+        &format!("/v1/sandbox/{id}/process/execute"),
+        "/v1/sandbox/{id}/process/execute",
+        KEY_DEFAULT,
+        Some(&json!({"command": command, "timeout": 30})),
+    );
+    assert_eq!(a.status, StatusCode::OK, "{command}: {}", a.body);
+    (
+        a.body["exit_code"].as_i64().expect("exit_code"),
+        a.body["stdout"].as_str().unwrap_or_default().to_string(),
+        a.body["stderr"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// The sandbox's CA certificate from the API (checked against the contract).
+fn api_ca(d: &mut Daemon, id: &str) -> String {
+    let path = format!("/v1/sandbox/{id}/ca.pem");
+    let a = d.call(
+        Method::GET,
+        &path,
+        "/v1/sandbox/{id}/ca.pem",
+        KEY_DEFAULT,
+        None,
+    );
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let (status, content_type, pem) = get_text(d, &path, Some(KEY_DEFAULT));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, "application/x-pem-file");
+    assert!(
+        pem.starts_with("-----BEGIN CERTIFICATE-----\n")
+            && pem.trim_end().ends_with("-----END CERTIFICATE-----")
+            && pem.matches("BEGIN").count() == 1,
+        "not one PEM certificate: {pem:?}"
+    );
+    assert!(!pem.contains("PRIVATE"), "the API exposed a key: {pem}");
+    pem
+}
+
+/// What the sandbox sees: the four variables pointing at one bundle that
+/// holds the host's roots and `pem`; its gateway serves exactly `pem` over
+/// v4 and v6 without credentials; the key is not readable.
+fn assert_trusted_inside(d: &mut Daemon, id: &str, pem: &str) {
+    let vars = "for v in SSL_CERT_FILE REQUESTS_CA_BUNDLE NODE_EXTRA_CA_CERTS CURL_CA_BUNDLE; \
+                do printf '%s=%s\n' \"$v\" \"$(printenv \"$v\")\"; done";
+    let (code, out, err) = sh(d, id, vars);
+    assert_eq!(code, 0, "{err}");
+    let bundle = "/run/tollgate/ca-bundle.crt";
+    for v in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "CURL_CA_BUNDLE",
+    ] {
+        assert!(
+            out.lines().any(|l| l == format!("{v}={bundle}")),
+            "{v} not set to the bundle: {out}"
+        );
+    }
+    let (code, inside, err) = sh(d, id, "cat \"$SSL_CERT_FILE\"");
+    assert_eq!(code, 0, "{err}");
+    assert!(inside.contains(pem), "the bundle lacks the sandbox CA");
+    let system = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+    assert!(
+        inside.len() >= system.len() + pem.len() && inside.starts_with(system.trim_end()),
+        "the bundle does not start with the host's roots"
+    );
+    let (code, served, err) = sh(d, id, "curl -sS --max-time 10 http://10.0.2.2/ca.pem");
+    assert_eq!((code, served.as_str()), (0, pem), "v4 endpoint: {err}");
+    let (code, served, err) = sh(
+        d,
+        id,
+        "curl -sS --max-time 10 -g 'http://[fd00:7467::2]/ca.pem'",
+    );
+    assert_eq!((code, served.as_str()), (0, pem), "v6 endpoint: {err}");
+    let (code, _, _) = sh(
+        d,
+        id,
+        "curl -sS --max-time 10 -o /dev/null -w '%{http_code}' http://10.0.2.2/ca.key | grep -qx 404",
+    );
+    assert_eq!(code, 0, "the endpoint serves something besides /ca.pem");
+    let key = d.state_dir.join("ca").join(id).join("ca.key");
+    let (code, out, _) = sh(d, id, &format!("cat '{}'", key.display()));
+    assert_ne!(code, 0, "the CA key is readable inside the sandbox");
+    assert!(!out.contains("PRIVATE"), "{out}");
+}
+
+#[test]
+fn sandbox_ca_is_served_trusted_inside_kept_across_restarts_and_removed() {
+    let _g = serial();
+    // `[proxy] upstream_ca_file`: an extra upstream CA is accepted.
+    let extra = TempDir::new("api-upstream-ca");
+    let upstream_ca = extra.0.join("upstream-ca.pem");
+    let upstream = SandboxCa::generate("upstream-test").expect("generate");
+    std::fs::write(&upstream_ca, upstream.cert_pem()).expect("write upstream CA");
+    let config = format!(
+        "{}\n[proxy]\nupstream_ca_file = \"{}\"\n",
+        default_config("10.210.112.0/20"),
+        upstream_ca.display()
+    );
+    let mut d = Daemon::start("ca", &config);
+    assert!(
+        d.log()
+            .contains("upstream trust for TLS interception loaded"),
+        "{}",
+        d.log()
+    );
+    let create = |d: &mut Daemon, body: Value| {
+        let a = d.call(
+            Method::POST,
+            "/v1/sandbox",
+            "/v1/sandbox",
+            KEY_DEFAULT,
+            Some(&body),
+        );
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        a.body["id"].as_str().expect("id").to_string()
+    };
+    let id = create(&mut d, json!({"memory": 512}));
+    let denied = create(
+        &mut d,
+        json!({"memory": 512, "network_policy": {"mode": "deny-all"}}),
+    );
+
+    // The API: the certificate, never the key; 404 / 401 like every endpoint.
+    let pem = api_ca(&mut d, &id);
+    let pem_denied = api_ca(&mut d, &denied);
+    assert_ne!(pem, pem_denied, "two sandboxes share a CA");
+    for (path, key) in [
+        (
+            "/v1/sandbox/sbx-doesnotexist0000000/ca.pem".to_string(),
+            KEY_DEFAULT,
+        ),
+        (format!("/v1/sandbox/{id}/ca.pem"), KEY_OTHER),
+    ] {
+        let a = d.call(Method::GET, &path, "/v1/sandbox/{id}/ca.pem", key, None);
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}: {}", a.body);
+        assert!(a.body["message"].is_string());
+    }
+    let a = d
+        .call_raw(Method::GET, &format!("/v1/sandbox/{id}/ca.pem"), None, None)
+        .expect("call");
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(a.body["message"].is_string());
+
+    // The files: key 0600 in 0700 directories, and it belongs to the
+    // certificate served.
+    let dir = d.state_dir.join("ca").join(&id);
+    assert_eq!(mode(&d.state_dir.join("ca")), 0o700);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("ca.key")), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ca.pem")).expect("ca.pem"),
+        pem
+    );
+    let key = std::fs::read_to_string(dir.join("ca.key")).expect("ca.key");
+    assert!(key.contains("PRIVATE KEY"));
+    SandboxCa::from_pem(&id, &pem, &key).expect("the stored key signs the served certificate");
+    assert!(!d.log().contains(key.trim()), "the key is in the log");
+
+    // Inside: variables, bundle, the gateway endpoint (deny-all too), no key.
+    assert_trusted_inside(&mut d, &id, &pem);
+    assert_trusted_inside(&mut d, &denied, &pem_denied);
+    let (code, _, _) = sh(
+        &mut d,
+        &denied,
+        "curl -sS --max-time 3 http://198.51.100.10/ >/dev/null",
+    );
+    assert_ne!(code, 0, "deny-all let a connection out");
+
+    // A restart keeps the CA: the guest's bundle stays valid.
+    let stopped = d.stop_keep_state();
+    let mut d = Daemon::restart(stopped);
+    assert_eq!(api_ca(&mut d, &id), pem, "the CA changed across a restart");
+    assert_trusted_inside(&mut d, &id, &pem);
+
+    // A CA lost while the daemon was down is replaced, with a warning, and
+    // the running sandbox's bundle follows.
+    let stopped = d.stop_keep_state();
+    std::fs::remove_dir_all(&dir).expect("remove the stored CA");
+    let mut d = Daemon::restart(stopped);
+    let replaced = api_ca(&mut d, &id);
+    assert_ne!(replaced, pem);
+    assert!(
+        d.log().contains("cannot be reloaded"),
+        "no warning: {}",
+        d.log()
+    );
+    assert_eq!(mode(&dir.join("ca.key")), 0o600);
+    assert_trusted_inside(&mut d, &id, &replaced);
+    assert_eq!(api_ca(&mut d, &denied), pem_denied);
+
+    // DELETE removes the key, the certificate and the sandbox's bundle.
+    for sid in [&id, &denied] {
+        let r = d.call(
+            Method::DELETE,
+            &format!("/v1/sandbox/{sid}/"),
+            "/v1/sandbox/{id}/",
+            KEY_DEFAULT,
+            None,
+        );
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+        assert!(
+            !d.state_dir.join("ca").join(sid).exists(),
+            "CA of {sid} left behind"
+        );
+        assert!(!host_files_dir(sid).exists(), "bundle of {sid} left behind");
+        let a = d.call(
+            Method::GET,
+            &format!("/v1/sandbox/{sid}/ca.pem"),
+            "/v1/sandbox/{id}/ca.pem",
+            KEY_DEFAULT,
+            None,
+        );
+        assert_eq!(a.status, StatusCode::NOT_FOUND);
+    }
+}
+
+#[test]
+fn unusable_upstream_ca_file_stops_the_daemon_with_a_clear_error() {
+    require_root();
+    let dir = TempDir::new("api-bad-upstream");
+    let garbage = dir.0.join("not-a-ca.pem");
+    std::fs::write(&garbage, "hello\n").expect("write");
+    for file in [garbage, dir.0.join("missing.pem")] {
+        let cfg = dir.0.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!("[proxy]\nupstream_ca_file = \"{}\"\n", file.display()),
+        )
+        .expect("write config");
+        let out = std::process::Command::new(tollgate_bin())
+            .args(["serve", "--listen", "127.0.0.1:1", "--state-dir"])
+            .arg(dir.0.join("state"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("TOLLGATE_API_KEY", KEY_DEFAULT)
+            .output()
+            .expect("run tollgate serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: started anyway", file.display());
+        assert!(
+            stderr.contains("upstream_ca_file") && stderr.contains(&*file.to_string_lossy()),
+            "{}: unclear error: {stderr}",
+            file.display()
+        );
+    }
 }

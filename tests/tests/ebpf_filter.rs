@@ -922,7 +922,8 @@ fn floor_wins_over_allow_cidrs_in_every_mode() {
             "TCP to the host must fail"
         );
         t.udp(v6(HOST6, HOST_UDP), b"host6");
-        // Host services behind the gateway address: only DNS and echo.
+        // Host services behind the gateway address: only DNS, echo and the
+        // CA endpoint (TCP 80); TCP 8080 is dropped.
         t.udp(v4(GW4, HOST_UDP), b"gateway");
         assert!(
             t.connect(v4(GW4, HOST_TCP)).is_err(),
@@ -1626,6 +1627,81 @@ fn cleanup_leaves_nothing_behind() {
         assert!(!ns_path(n).exists(), "namespace {n} left behind");
     }
     assert!(!pin_dir.exists(), "pins left behind");
+}
+
+/// TCP 80 on the gateway (the host's CA endpoint) is delivered locally, v4
+/// and v6, in every mode — deny-all included: it is the host's own service,
+/// not egress. It is never steered to the proxy. UDP 80 and other TCP ports
+/// on the gateway are still dropped, and nothing reaches the upstream.
+#[test]
+fn tcp_80_to_the_gateway_passes_locally_in_every_mode() {
+    require_root();
+    let _g = serial();
+    let t = Topo::new(true);
+    let mut f = t.attach(&EgressPolicy::deny_all());
+    // The proxy's listeners are registered: port 80 must still not reach them.
+    let (l4, l6) = t.proxy_listeners();
+    f.set_listeners(l4.as_fd(), Some(l6.as_fd()))
+        .expect("register listeners");
+    let (ca4, ca6) = in_ns(&t.rtr, || {
+        let a = TcpListener::bind(v4(GW4, 80)).expect("bind gateway:80 v4");
+        let b = TcpListener::bind(v6(GW6, 80)).expect("bind gateway:80 v6");
+        (a, b)
+    });
+    for mode in [Mode::DenyAll, Mode::Custom, Mode::AllowAll] {
+        f.set_policy(&EgressPolicy::new(mode)).expect("policy");
+        let before = f.counters().expect("counters");
+        let mut reader = f.event_reader().expect("events");
+        reader.drain();
+        for (listener, dst) in [(&ca4, v4(GW4, 80)), (&ca6, v6(GW6, 80))] {
+            let mut c = t
+                .connect(dst)
+                .unwrap_or_else(|e| panic!("{mode:?}: TCP to {dst}: {e}"));
+            c.write_all(b"GET /ca.pem HTTP/1.0\r\n\r\n").expect("write");
+            let (mut s, peer) = listener.accept().expect("accept");
+            assert_eq!(peer, c.local_addr().expect("local"), "{mode:?}");
+            assert_eq!(s.local_addr().expect("local"), dst, "{mode:?}");
+            // Read the request first: closing with unread data is a reset.
+            let mut request = [0u8; 64];
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let n = s.read(&mut request).expect("read request");
+            assert!(request[..n].starts_with(b"GET /ca.pem"), "{mode:?}");
+            s.write_all(b"HTTP/1.0 200 OK\r\n\r\npem").expect("reply");
+            drop(s);
+            let mut reply = String::new();
+            c.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            c.read_to_string(&mut reply).expect("read reply");
+            assert!(reply.ends_with("pem"), "{mode:?}: {reply:?}");
+        }
+        // Still dropped: UDP 80 and TCP 8080 on the gateway.
+        t.udp(v4(GW4, 80), b"udp80");
+        assert!(
+            t.connect(v4(GW4, HOST_TCP)).is_err(),
+            "{mode:?}: TCP 8080 on the gateway must fail"
+        );
+        let events = drain_after(&mut reader, SETTLE);
+        let d = delta(&f, &before);
+        // SYN, ACK, data, FIN... of two connections
+        assert!(d.get(Reason::PassLocal) >= 2 * 3, "{mode:?}: {d:?}");
+        assert_eq!(d.get(Reason::Steered), 0, "{mode:?}: {d:?}");
+        assert_eq!(d.get(Reason::DropDenyAll), 0, "{mode:?}: {d:?}");
+        assert!(d.get(Reason::DropGatewayPort) >= 2, "{mode:?}: {d:?}");
+        let gw = events_for(&events, Reason::DropGatewayPort, IpAddr::V4(GW4));
+        assert!(gw.iter().any(|e| e.proto == 17 && e.dport == 80), "{gw:?}");
+        assert!(gw.iter().all(|e| e.dport != 80 || e.proto != 6), "{gw:?}");
+    }
+    for l in [&l4, &l6] {
+        l.set_nonblocking(true).expect("nonblocking");
+        assert!(l.accept().is_err(), "the proxy got a gateway connection");
+    }
+    assert!(
+        !t.canary.saw(from_sandbox),
+        "the upstream saw sandbox traffic: {:?}",
+        t.canary.packets()
+    );
+    assert!(t.host.accepted().is_empty(), "{:?}", t.host.accepted());
 }
 
 /// DNS to the sandbox's own resolver (the gateway) passes over UDP and TCP,

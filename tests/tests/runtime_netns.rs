@@ -17,10 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate::net::{self, NetError, NetPlan, NetworkInfo};
-use tollgate::runtime::netns::{NetnsConfig, NetnsRuntime};
+use tollgate::runtime::netns::{
+    NetnsConfig, NetnsRuntime, CA_ENV_VARS, SANDBOX_CA_BUNDLE, SANDBOX_CA_CERT, SANDBOX_FILES_DIR,
+};
 use tollgate::runtime::{
     ExecOutput, ExecRequest, Runtime, RuntimeError, RuntimeHandle, SandboxSpec, Template,
 };
+use tollgate_proxy::intercept::SandboxCa;
 use tollgate_tests::lab::{in_netns, Lab, HOST_WAN, PUBLIC4, PUBLIC6};
 use tollgate_tests::privileged::{
     alive, block_on_in, link_exists, links_of, netns_file_exists, nft_in, ns_id, pids_in_pid_ns,
@@ -43,6 +46,8 @@ fn runtime(hide: Vec<PathBuf>) -> Arc<NetnsRuntime> {
         exe: tollgate_bin(),
         hide_paths: hide,
         resolv_conf: None,
+        files_dir: None,
+        system_roots: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
     }))
 }
 
@@ -59,6 +64,7 @@ fn spec(id: &str, slot: u32, command: &[&str]) -> SandboxSpec {
         uid: UID,
         vcpu: 1,
         memory_mib: 256,
+        ca_pem: None,
     }
 }
 
@@ -312,6 +318,11 @@ async fn sandbox_is_isolated_and_configured() {
     assert_eq!(
         ok(&rt, h, &["sh", "-c", "echo $FOO $TPL $HOME"]).await,
         "bar from-template /tmp"
+    );
+    // No CA given, no CA variables.
+    assert_eq!(
+        run(&rt, h, &["printenv", "SSL_CERT_FILE"]).await.exit_code,
+        1
     );
     let mut r = req(&["sh", "-c", "echo $FOO; pwd"]);
     r.env.insert("FOO".into(), "override".into());
@@ -937,4 +948,141 @@ fn only_steered_connections_reach_the_transparent_listeners() {
     assert!(!netns_file_exists(&info.router_netns));
     assert!(!netns_file_exists(&info.netns));
     assert!(!links_of(Some(&lab.host_ns)).contains(&info.host_if));
+}
+
+// ---------------------------------------------------------------------------
+// the sandbox's CA bundle
+
+/// Removes a file when dropped.
+struct FileGuard(PathBuf);
+
+impl Drop for FileGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A sandbox given its CA sees a read-only bundle (the host's roots, then
+/// its CA) at a fixed path with the four variables pointing at it, and no
+/// other sandbox's files; the state dir with the CA key stays hidden; the
+/// daemon's resolv.conf (kept beside the bundles' mount point on the host)
+/// is still bound; `install_ca` replaces the bundle of the running sandbox;
+/// `stop` removes the host-side files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_bundle_is_installed_read_only_with_the_variables_set() {
+    let id = "sbx-rtn-ca";
+    let slot = 4011;
+    let state = TempDir::new("rtn-ca-state");
+    let key_dir = state.0.join("ca").join(id);
+    std::fs::create_dir_all(&key_dir).expect("key dir");
+    std::fs::write(key_dir.join("ca.key"), "SECRET-CA-KEY").expect("write key");
+    let files = TempDir::new("rtn-ca-files");
+    // Another sandbox's files: never visible.
+    std::fs::create_dir_all(files.0.join("sbx-rtn-other")).expect("other dir");
+    std::fs::write(files.0.join("sbx-rtn-other").join("ca.pem"), "OTHER").expect("other");
+    let roots_dir = TempDir::new("rtn-ca-roots");
+    let host_root = SandboxCa::generate("host-root").expect("generate");
+    let roots = roots_dir.0.join("roots.pem");
+    std::fs::write(&roots, host_root.cert_pem()).expect("write roots");
+    // resolv.conf where the daemon keeps it: under /run/tollgate, which the
+    // sandbox's files directory covers.
+    std::fs::create_dir_all(SANDBOX_FILES_DIR).expect("create /run/tollgate");
+    let resolv = FileGuard(PathBuf::from(format!(
+        "{SANDBOX_FILES_DIR}/rtn-ca-resolv-{}.conf",
+        std::process::id()
+    )));
+    std::fs::write(&resolv.0, "nameserver 10.0.2.2\n# rtn-ca\n").expect("write resolv.conf");
+    require_root();
+    let rt = Arc::new(NetnsRuntime::new(NetnsConfig {
+        exe: tollgate_bin(),
+        hide_paths: vec![state.0.clone()],
+        resolv_conf: Some(resolv.0.clone()),
+        files_dir: Some(files.0.clone()),
+        system_roots: roots.clone(),
+    }));
+    let ca = SandboxCa::generate(id).expect("generate");
+    let mut sp = spec(id, slot, &LOOP);
+    sp.ca_pem = Some(ca.cert_pem().to_owned());
+    // The sandbox's own env_vars still win.
+    sp.env_vars
+        .insert("CURL_CA_BUNDLE".into(), "/etc/custom.pem".into());
+    let started = start(&rt, &sp).await;
+    let h = &started.sb.handle;
+
+    // Host side: <files>/<id>/{ca-bundle.crt, ca.pem}, world-readable.
+    let dir = files.0.join(id);
+    let bundle = std::fs::read_to_string(dir.join("ca-bundle.crt")).expect("bundle on the host");
+    assert_eq!(bundle, format!("{}{}", host_root.cert_pem(), ca.cert_pem()));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: PathBuf| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(dir.clone()), 0o755);
+        assert_eq!(mode(dir.join("ca-bundle.crt")), 0o644);
+        assert_eq!(mode(dir.join("ca.pem")), 0o644);
+    }
+
+    // Inside: the variables, the bundle, the CA, nothing else.
+    for var in CA_ENV_VARS {
+        let want = if var == "CURL_CA_BUNDLE" {
+            "/etc/custom.pem"
+        } else {
+            SANDBOX_CA_BUNDLE
+        };
+        assert_eq!(ok(&rt, h, &["printenv", var]).await, want, "{var}");
+    }
+    // Every process inherits them, and a request may override one.
+    let mut r = req(&["sh", "-c", "echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE"]);
+    r.env
+        .insert("REQUESTS_CA_BUNDLE".into(), "/elsewhere".into());
+    let out = rt.exec(h, r).await.expect("exec");
+    assert_eq!(out.stdout, format!("{SANDBOX_CA_BUNDLE} /elsewhere\n"));
+    assert_eq!(
+        ok(&rt, h, &["cat", SANDBOX_CA_BUNDLE]).await,
+        bundle.trim_end()
+    );
+    assert_eq!(
+        ok(&rt, h, &["cat", SANDBOX_CA_CERT]).await,
+        ca.cert_pem().trim_end()
+    );
+    assert_eq!(
+        ok(&rt, h, &["ls", "-A", SANDBOX_FILES_DIR]).await,
+        "ca-bundle.crt\nca.pem"
+    );
+    let write = run(
+        &rt,
+        h,
+        &["sh", "-c", &format!("echo x > {SANDBOX_CA_BUNDLE}")],
+    )
+    .await;
+    assert_ne!(write.exit_code, 0, "the bundle is writable: {write:?}");
+    let resolv_inside = ok(&rt, h, &["cat", "/etc/resolv.conf"]).await;
+    assert!(resolv_inside.contains("# rtn-ca"), "{resolv_inside}");
+    // The key beside the state dir is hidden.
+    let cat = run(&rt, h, &["cat", &key_dir.join("ca.key").to_string_lossy()]).await;
+    assert_ne!(cat.exit_code, 0);
+    assert!(!cat.stdout.contains("SECRET"));
+    assert_eq!(
+        ok(&rt, h, &["ls", "-A", &state.0.to_string_lossy()]).await,
+        ""
+    );
+
+    // A replaced CA reaches the running sandbox.
+    let replaced = SandboxCa::generate(id).expect("generate");
+    rt.install_ca(id, h, replaced.cert_pem())
+        .await
+        .expect("install_ca");
+    assert_eq!(
+        ok(&rt, h, &["cat", SANDBOX_CA_CERT]).await,
+        replaced.cert_pem().trim_end()
+    );
+    let inside = ok(&rt, h, &["cat", SANDBOX_CA_BUNDLE]).await;
+    assert!(inside.contains(replaced.cert_pem().trim_end()));
+    assert!(!inside.contains(ca.cert_pem().trim_end()));
+
+    // stop removes the sandbox's files, not another's.
+    rt.stop(h).await.expect("stop");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(files.0.join("sbx-rtn-other").exists());
+    net::teardown(&h.network).await.expect("teardown");
+    assert_nothing_left(id, slot);
 }

@@ -61,3 +61,22 @@ fn check_rejects_configs_that_cannot_work() {
     }];
     assert!(c.check().is_err(), "empty command");
 }
+
+#[test]
+fn proxy_upstream_ca_file_is_optional() {
+    assert_eq!(Config::default().proxy.upstream_ca_file, None);
+    let c: Config = toml::from_str("[proxy]\nupstream_ca_file = \"/etc/tollgate/upstream-ca.pem\"")
+        .expect("parse");
+    assert_eq!(
+        c.proxy.upstream_ca_file,
+        Some(PathBuf::from("/etc/tollgate/upstream-ca.pem"))
+    );
+    assert_eq!(
+        c.proxy.max_connections, 1024,
+        "other proxy fields keep defaults"
+    );
+    assert!(
+        toml::from_str::<Config>("[proxy]\nupstream_ca = \"/x\"").is_err(),
+        "typo accepted"
+    );
+}

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::{
-    ns, NetError, NetPlan, NetworkInfo, ALLOW_MARK, HOST_IF_PREFIX, HOST_TABLE, ROUTER_TABLE,
-    STEER_MARK,
+    ns, NetError, NetPlan, NetworkInfo, ALLOW_MARK, CA_PORT, HOST_IF_PREFIX, HOST_TABLE,
+    ROUTER_TABLE, STEER_MARK,
 };
 
 /// The router namespace's table (`inet tollgate`): see the module
@@ -30,6 +30,7 @@ pub(super) fn router_ruleset(info: &NetworkInfo) -> String {
     let gw6 = info.gateway_v6;
     let steer = STEER_MARK;
     let allow = ALLOW_MARK;
+    let ca = CA_PORT;
     format!(
         "table inet {t}
 delete table inet {t}
@@ -43,6 +44,8 @@ table inet {t} {{
 \t\tct state established,related accept
 \t\tip daddr {gw4} meta l4proto {{ tcp, udp }} th dport 53 accept
 \t\tip6 daddr {gw6} meta l4proto {{ tcp, udp }} th dport 53 accept
+\t\tip daddr {gw4} tcp dport {ca} accept
+\t\tip6 daddr {gw6} tcp dport {ca} accept
 \t\ticmp type echo-request accept
 \t\ticmpv6 type {{ echo-request, nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }} accept
 \t\tdrop

@@ -118,6 +118,9 @@ fn router_ruleset_is_fail_closed() {
     assert!(r.contains("meta mark & 0x1 == 0x1 accept"));
     assert!(r.contains("ip daddr 10.0.2.2 meta l4proto { tcp, udp } th dport 53 accept"));
     assert!(r.contains("ip6 daddr fd00:7467::2 meta l4proto { tcp, udp } th dport 53 accept"));
+    // The CA endpoint on the gateway.
+    assert!(r.contains("ip daddr 10.0.2.2 tcp dport 80 accept"));
+    assert!(r.contains("ip6 daddr fd00:7467::2 tcp dport 80 accept"));
     assert!(r.contains("oifname \"up0\" masquerade"));
     // The guest chain ends in a drop.
     let guest = &r[r.find("chain from_guest").expect("chain")..];

@@ -10,7 +10,8 @@
 //! * **mounts**: a private mount namespace (`/` made `rprivate`) in which every
 //!   configured hide path (the daemon's state directory: keys, CA keys,
 //!   secrets) and `/run/netns` are covered by an empty read-only tmpfs, with a
-//!   private `/tmp`, `/dev/shm`, and a `/proc` of its own;
+//!   private `/tmp`, `/dev/shm`, and a `/proc` of its own; `/run/tollgate`
+//!   shows only the sandbox's own files (its CA bundle), read-only;
 //! * **pids**: its own PID namespace; the template command is PID 1, so killing
 //!   it kills every process of the sandbox;
 //! * **uts / ipc**: its own hostname (the sandbox id) and IPC objects;
@@ -37,10 +38,21 @@
 //! use `exec` to observe a sandbox.
 //!
 //! Environment: PATH and HOME (`/tmp`, the sandbox's private tmpfs), then the
-//! template's environment, then the sandbox's `env_vars`. It is handed to the
-//! helper in one JSON variable, never as process arguments, and never becomes
-//! the environment of the privileged helper itself. `exec` inherits the
-//! environment of PID 1, overlaid with the request's.
+//! template's environment, then the CA variables (below), then the sandbox's
+//! `env_vars`. It is handed to the helper in one JSON variable, never as
+//! process arguments, and never becomes the environment of the privileged
+//! helper itself. `exec` inherits the environment of PID 1, overlaid with the
+//! request's.
+//!
+//! The sandbox's CA: when the spec carries the sandbox's CA certificate, the
+//! runtime writes `<files_dir>/<id>/ca-bundle.crt` (the host's roots, then the
+//! sandbox's CA) and `ca.pem` (the CA alone) on the host, and the sandbox sees
+//! that directory read-only at [`SANDBOX_FILES_DIR`] (a bind mount over the
+//! host's `/run/tollgate`, so no sandbox sees another's files). Every process
+//! gets [`CA_ENV_VARS`] pointing at [`SANDBOX_CA_BUNDLE`], so curl, OpenSSL,
+//! Python `requests` and Node trust the proxy's intercepted connections. The
+//! CA's key never enters the sandbox: it lives in the daemon's state dir,
+//! which is hidden.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
@@ -48,7 +60,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -92,6 +104,27 @@ const OUTPUT_LIMIT: usize = 16 << 20;
 const POLL: Duration = Duration::from_millis(20);
 const HOSTNAME_MAX: usize = 64;
 
+/// Where a sandbox sees its files from the host (read-only): its CA bundle
+/// and CA certificate.
+pub const SANDBOX_FILES_DIR: &str = "/run/tollgate";
+/// The trust bundle inside the sandbox: the host's roots plus the sandbox's
+/// CA.
+pub const SANDBOX_CA_BUNDLE: &str = "/run/tollgate/ca-bundle.crt";
+/// The sandbox's CA certificate alone, inside the sandbox.
+pub const SANDBOX_CA_CERT: &str = "/run/tollgate/ca.pem";
+/// File name of the bundle in a sandbox's files directory.
+const BUNDLE_FILE: &str = "ca-bundle.crt";
+/// File name of the CA certificate in a sandbox's files directory.
+const CA_CERT_FILE: &str = "ca.pem";
+/// Variables set to [`SANDBOX_CA_BUNDLE`] in every sandbox process: OpenSSL
+/// (and Go, Rust native-certs), Python `requests`, Node, curl.
+pub const CA_ENV_VARS: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "CURL_CA_BUNDLE",
+];
+
 /// Configuration of the netns runtime.
 #[derive(Clone, Debug)]
 pub struct NetnsConfig {
@@ -104,6 +137,15 @@ pub struct NetnsConfig {
     /// A file bind-mounted read-only over the sandbox's `/etc/resolv.conf`
     /// (pointing at the sandbox's own resolver on its gateway).
     pub resolv_conf: Option<PathBuf>,
+    /// Host directory of the files sandboxes may read: `<files_dir>/<id>/`
+    /// holds sandbox `id`'s CA bundle and is shown read-only inside it at
+    /// [`SANDBOX_FILES_DIR`]. Must not be inside a hidden path. `None`: no
+    /// CA is installed in sandboxes.
+    pub files_dir: Option<PathBuf>,
+    /// The host's roots, the start of every CA bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt`; a missing file gives a bundle
+    /// with the sandbox's CA only).
+    pub system_roots: PathBuf,
 }
 
 /// The network-namespace process runtime. See the module documentation for
@@ -376,13 +418,94 @@ impl Collector {
 }
 
 impl NetnsRuntime {
-    fn sandbox_env(spec: &SandboxSpec) -> BTreeMap<String, String> {
+    fn sandbox_env(spec: &SandboxSpec, with_ca: bool) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
         env.insert("PATH".to_owned(), DEFAULT_PATH.to_owned());
         env.insert("HOME".to_owned(), DEFAULT_HOME.to_owned());
         env.extend(spec.template.env.clone());
+        if with_ca {
+            for k in CA_ENV_VARS {
+                env.insert(k.to_owned(), SANDBOX_CA_BUNDLE.to_owned());
+            }
+        }
         env.extend(spec.env_vars.clone());
         env
+    }
+
+    /// Host directory of sandbox `id`'s files, when the runtime has one.
+    fn files_dir_of(&self, id: &str) -> Result<Option<PathBuf>, RuntimeError> {
+        let Some(root) = &self.config.files_dir else {
+            return Ok(None);
+        };
+        let ok = !id.is_empty()
+            && id != "."
+            && id != ".."
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            return Err(RuntimeError::Process(format!("invalid sandbox id {id:?}")));
+        }
+        Ok(Some(root.join(id)))
+    }
+
+    /// Writes sandbox `id`'s CA bundle (the host's roots, then `ca_pem`) and
+    /// its CA certificate into its files directory, each atomically, so that
+    /// a running sandbox sees the old or the new file, never a mix. Returns
+    /// the directory (`None`: the runtime has no files directory).
+    fn write_ca_files(&self, id: &str, ca_pem: &str) -> Result<Option<PathBuf>, RuntimeError> {
+        let Some(dir) = self.files_dir_of(id)? else {
+            return Ok(None);
+        };
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            RuntimeError::Process(format!("CA bundle of sandbox {id}: {what}: {e}"))
+        };
+        let roots = match fs::read(&self.config.system_roots) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(
+                    path = %self.config.system_roots.display(),
+                    "no system CA bundle: sandboxes trust their own CA only"
+                );
+                Vec::new()
+            }
+            Err(e) => return Err(fail(&self.config.system_roots.display().to_string(), &e)),
+        };
+        let mut bundle = roots;
+        if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(ca_pem.as_bytes());
+        if !bundle.ends_with(b"\n") {
+            bundle.push(b'\n');
+        }
+        for d in [self.config.files_dir.as_deref(), Some(dir.as_path())]
+            .into_iter()
+            .flatten()
+        {
+            fs::create_dir_all(d).map_err(|e| fail(&d.display().to_string(), &e))?;
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755))
+                .map_err(|e| fail(&d.display().to_string(), &e))?;
+        }
+        crate::ca::write_atomic(&dir, BUNDLE_FILE, &bundle, 0o644)
+            .and_then(|()| crate::ca::write_atomic(&dir, CA_CERT_FILE, ca_pem.as_bytes(), 0o644))
+            .map_err(|e| fail("write", &e))?;
+        Ok(Some(dir))
+    }
+
+    /// Removes sandbox `id`'s files directory (idempotent).
+    fn remove_files(&self, id: &str) -> Result<(), RuntimeError> {
+        let Some(dir) = self.files_dir_of(id)? else {
+            return Ok(());
+        };
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RuntimeError::Process(format!(
+                "remove {}: {e}",
+                dir.display()
+            ))),
+        }
     }
 
     /// Spawns the supervisor and waits for its `ready`. On failure everything
@@ -392,6 +515,7 @@ impl NetnsRuntime {
         spec: &SandboxSpec,
         network: &NetworkInfo,
         env: &str,
+        files: Option<&Path>,
         guard: &mut StartGuard,
     ) -> Result<RuntimeHandle, RuntimeError> {
         let mut hostname = spec.id.clone();
@@ -411,6 +535,9 @@ impl NetnsRuntime {
         }
         if let Some(r) = &self.config.resolv_conf {
             cmd.arg(opt("--resolv-conf", r));
+        }
+        if let Some(f) = files {
+            cmd.arg(opt("--files-dir", f));
         }
         cmd.arg("--")
             .args(&spec.template.command)
@@ -534,19 +661,30 @@ impl Runtime for NetnsRuntime {
                 "sandboxes must run as an unprivileged uid, not 0".into(),
             ));
         }
-        let env = env_json(&Self::sandbox_env(spec))?;
         if !net::netns_exists(&net.netns) {
             return Err(RuntimeError::Network(format!(
                 "network namespace {} does not exist (net::setup first)",
                 net.netns
             )));
         }
+        let files = match &spec.ca_pem {
+            Some(pem) => self.write_ca_files(&spec.id, pem)?,
+            None => None,
+        };
+        let env = env_json(&Self::sandbox_env(spec, files.is_some()))?;
         // Armed once the supervisor exists and until the start succeeded or
         // was rolled back, so that a cancelled start (future dropped) is
         // cleaned up too.
         let mut guard = StartGuard { armed: None };
-        let result = self.spawn_supervisor(spec, net, &env, &mut guard).await;
+        let result = self
+            .spawn_supervisor(spec, net, &env, files.as_deref(), &mut guard)
+            .await;
         guard.armed = None;
+        if result.is_err() && files.is_some() {
+            if let Err(e) = self.remove_files(&spec.id) {
+                tracing::warn!(sandbox = %spec.id, error = %e, "failed start: remove CA bundle");
+            }
+        }
         result
     }
 
@@ -572,12 +710,28 @@ impl Runtime for NetnsRuntime {
     }
 
     async fn stop(&self, handle: &RuntimeHandle) -> Result<(), RuntimeError> {
-        kill_everything(Some(handle), &handle.network.netns).await
+        kill_everything(Some(handle), &handle.network.netns).await?;
+        match handle.network.netns.strip_prefix(net::SANDBOX_NETNS_PREFIX) {
+            Some(id) => self.remove_files(id),
+            None => Ok(()),
+        }
     }
 
     async fn release(&self, id: &str, _slot: u32) -> Result<(), RuntimeError> {
         // Everything of the sandbox runs in its network namespace, found by id.
-        kill_everything(None, &net::netns_name(id)).await
+        kill_everything(None, &net::netns_name(id)).await?;
+        self.remove_files(id)
+    }
+
+    async fn install_ca(
+        &self,
+        id: &str,
+        _handle: &RuntimeHandle,
+        ca_pem: &str,
+    ) -> Result<(), RuntimeError> {
+        // The sandbox's mount namespace holds a bind mount of its files
+        // directory: a file renamed into it is what the sandbox reads next.
+        self.write_ca_files(id, ca_pem).map(|_| ())
     }
 
     async fn exec(
@@ -716,6 +870,10 @@ pub struct EnterArgs {
     /// Start mode: file bind-mounted read-only over `/etc/resolv.conf`.
     #[arg(long = "resolv-conf", value_name = "FILE")]
     pub resolv_conf: Option<PathBuf>,
+    /// Start mode: host directory of the sandbox's files (its CA bundle),
+    /// bind-mounted read-only over [`SANDBOX_FILES_DIR`].
+    #[arg(long = "files-dir", value_name = "DIR")]
+    pub files_dir: Option<PathBuf>,
     /// Working directory of the command.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub cwd: PathBuf,
@@ -1001,13 +1159,21 @@ fn supervise_sandbox(args: &EnterArgs) -> anyhow::Result<i32> {
         None::<&str>,
     )
     .context("make / rprivate")?;
+    // Binds first, hides after: a source below a hidden path stays
+    // reachable. resolv.conf before the files directory, which covers
+    // `/run/tollgate` (where the daemon keeps resolv.conf).
+    if let Some(r) = &args.resolv_conf {
+        bind_read_only(r, Path::new("/etc/resolv.conf"))?;
+    }
+    if let Some(dir) = &args.files_dir {
+        let target = Path::new(SANDBOX_FILES_DIR);
+        fs::create_dir_all(target).with_context(|| format!("create {}", target.display()))?;
+        bind_read_only(dir, target)?;
+    }
     for p in &args.hide {
         hide_path(p)?;
     }
     hide_path(Path::new(net::NETNS_DIR))?;
-    if let Some(r) = &args.resolv_conf {
-        bind_read_only(r, Path::new("/etc/resolv.conf"))?;
-    }
     if let Some(h) = &args.hostname {
         nix::unistd::sethostname(h).context("sethostname")?;
     }
