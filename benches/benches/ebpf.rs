@@ -13,18 +13,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tollgate_benches::{
-    in_netns, ip, ip_batch, median, ms, percentile, print_summary, require_root, Figure, Target,
+    in_netns, ip_batch, median, ms, percentile, print_summary, quick, require_root, rounds,
+    write_report, Figure, Pair, Pins, Target, GATEWAY, GUEST, SINK, STEERED_DST,
 };
 use tollgate_ebpf::{EgressPolicy, Filter, FloorSet, Mode, SandboxNet};
-
-const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-const SINK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const STEERED_DST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-
-fn quick() -> bool {
-    std::env::var("TOLLGATE_BENCH_QUICK").is_ok_and(|v| v == "1")
-}
 
 fn snet() -> SandboxNet {
     SandboxNet::v4(GUEST, GATEWAY)
@@ -44,15 +36,6 @@ fn pin_root() -> PathBuf {
         tollgate_ebpf::PIN_ROOT,
         std::process::id()
     ))
-}
-
-/// Removes the bench's pins on every path (a panic included).
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Namespaces `tgb-<pid>-<i>` each holding a veth pair `tgb<i>` / `tgp<i>`.
@@ -122,85 +105,6 @@ fn attach_detach(n: usize) -> (Vec<f64>, Vec<f64>) {
     (attach, detach)
 }
 
-/// sandbox ns ⇄ veth ⇄ router ns ⇄ veth ⇄ host ns. The sink (198.51.100.1)
-/// lives on the host, reached by forwarding through the router as in
-/// production; steered connections land on a transparent listener in the
-/// router.
-struct Pair {
-    s: String,
-    r: String,
-    h: String,
-}
-
-impl Pair {
-    fn new() -> Self {
-        let pid = std::process::id();
-        let p = Self {
-            s: format!("tgb-s-{pid}"),
-            r: format!("tgb-r-{pid}"),
-            h: format!("tgb-h-{pid}"),
-        };
-        for ns in [&p.s, &p.r, &p.h] {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .output();
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        let (s, r, h) = (p.s.as_str(), p.r.as_str(), p.h.as_str());
-        ip(&[
-            "-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "tgs0", "netns", r,
-        ]);
-        ip(&[
-            "-n", r, "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", h,
-        ]);
-        ip(&["-n", s, "addr", "add", "10.0.2.15/24", "dev", "eth0"]);
-        ip(&["-n", r, "addr", "add", "10.0.2.2/24", "dev", "tgs0"]);
-        ip(&["-n", r, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
-        ip(&["-n", h, "addr", "add", "192.0.2.2/24", "dev", "wan0"]);
-        ip(&["-n", h, "addr", "add", "198.51.100.1/32", "dev", "lo"]);
-        for (ns, dev) in [(s, "eth0"), (r, "tgs0"), (r, "up0"), (h, "wan0")] {
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        ip(&["-n", s, "route", "add", "default", "via", "10.0.2.2"]);
-        ip(&[
-            "-n",
-            r,
-            "route",
-            "add",
-            "198.51.100.0/24",
-            "via",
-            "192.0.2.2",
-        ]);
-        ip(&["-n", h, "route", "add", "10.0.2.0/24", "via", "192.0.2.1"]);
-        ip(&["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        ip(&["-n", r, "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"]);
-        ip(&[
-            "-n",
-            r,
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            "100",
-        ]);
-        p
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for ns in [&self.s, &self.r, &self.h] {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .output();
-        }
-    }
-}
-
 /// Bytes/s of one TCP stream of `bytes` from the sandbox to `dst`, received
 /// by `listener` in the router namespace.
 fn stream(pair: &Pair, listener: &TcpListener, dst: SocketAddr, bytes: usize) -> f64 {
@@ -260,10 +164,7 @@ fn stream(pair: &Pair, listener: &TcpListener, dst: SocketAddr, bytes: usize) ->
 fn throughput() -> Vec<Figure> {
     let pair = Pair::new();
     let bytes = if quick() { 128 << 20 } else { 512 << 20 };
-    let rounds = std::env::var("TOLLGATE_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(if quick() { 3 } else { 5 });
+    let rounds = rounds(3, 5);
     // The sink (plain) and the proxy's transparent listener, both in the router.
     let sink = in_netns(&pair.h, || {
         TcpListener::bind((SINK, 5001)).expect("bind sink")
@@ -374,8 +275,7 @@ fn main() {
     }
     eprintln!("ebpf: TCP throughput with and without the program ...");
     figures.extend(throughput());
-    print_summary(
-        "eBPF layer (ratios against the same path without the program, same run)",
-        &figures,
-    );
+    let title = "eBPF layer (ratios against the same path without the program, same run)";
+    print_summary(title, &figures);
+    write_report("ebpf", title, &figures, &[]);
 }

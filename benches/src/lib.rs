@@ -2,7 +2,9 @@
 //! and the result table every bench prints (figure, baseline, ratio, target).
 
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ pub enum Target {
     MinRatio(f64),
     /// value must be at most this.
     MaxValue(f64),
+    /// No target: the figure is reported for information (it never misses).
+    Report,
 }
 
 impl Figure {
@@ -42,34 +46,136 @@ impl Figure {
         match self.target {
             Target::MinRatio(t) => self.ratio().is_some_and(|r| r >= t),
             Target::MaxValue(t) => self.value <= t,
+            Target::Report => true,
+        }
+    }
+
+    /// `PASS`, `MISS`, or `info` for a figure without a target.
+    pub fn mark(&self) -> &'static str {
+        match (self.target, self.pass()) {
+            (Target::Report, _) => "info",
+            (_, true) => "PASS",
+            (_, false) => "MISS",
+        }
+    }
+
+    /// The target as printed: `>= 0.9x`, `<= 5`, or `-`.
+    pub fn target_text(&self) -> String {
+        match self.target {
+            Target::MinRatio(t) => format!(">= {t}x"),
+            Target::MaxValue(t) => format!("<= {t}"),
+            Target::Report => "-".to_string(),
         }
     }
 }
 
 /// Prints the figures as a table.
 pub fn print_summary(title: &str, figures: &[Figure]) {
+    let label = |f: &Figure| format!("{} [{}]", f.name, f.unit);
+    let w = figures
+        .iter()
+        .map(|f| label(f).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(58);
     println!("\n== {title} ==");
     println!(
-        "{:<58} {:>14} {:>14} {:>8} {:>10}  result",
+        "{:<w$} {:>14} {:>14} {:>8} {:>10}  result",
         "figure", "tollgate", "direct", "ratio", "target"
     );
     for f in figures {
         let base = f.baseline.map_or("-".to_string(), |b| format!("{b:.2}"));
         let ratio = f.ratio().map_or("-".to_string(), |r| format!("{r:.3}x"));
-        let target = match f.target {
-            Target::MinRatio(t) => format!(">= {t}x"),
-            Target::MaxValue(t) => format!("<= {t}"),
-        };
         println!(
-            "{:<58} {:>14} {:>14} {:>8} {:>10}  {}",
-            format!("{} [{}]", f.name, f.unit),
+            "{:<w$} {:>14} {:>14} {:>8} {:>10}  {}",
+            label(f),
             format!("{:.2}", f.value),
             base,
             ratio,
-            target,
-            if f.pass() { "PASS" } else { "MISS" }
+            f.target_text(),
+            f.mark()
         );
     }
+}
+
+/// Where reports go: `$CARGO_TARGET_DIR/tollgate-bench`, else the
+/// workspace's `target/tollgate-bench`.
+pub fn report_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("tollgate-bench")
+}
+
+/// Writes the figures of bench `bench` as `<bench>.json` and `<bench>.md`
+/// under [`report_dir`], with free-form `notes` (parameters, copy mode…),
+/// and prints where they went. A write failure is reported, not fatal.
+pub fn write_report(bench: &str, title: &str, figures: &[Figure], notes: &[String]) {
+    let dir = report_dir();
+    let json = serde_json::json!({
+        "bench": bench,
+        "title": title,
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        "notes": notes,
+        "figures": figures.iter().map(|f| serde_json::json!({
+            "name": f.name,
+            "unit": f.unit,
+            "value": f.value,
+            "baseline": f.baseline,
+            "ratio": f.ratio(),
+            "target": f.target_text(),
+            "result": f.mark(),
+        })).collect::<Vec<_>>(),
+    });
+    let mut md = format!("# {title}\n\n");
+    for n in notes {
+        md.push_str(&format!("- {n}\n"));
+    }
+    if !notes.is_empty() {
+        md.push('\n');
+    }
+    md.push_str("| figure | unit | tollgate | direct | ratio | target | result |\n");
+    md.push_str("|---|---|---:|---:|---:|---|---|\n");
+    for f in figures {
+        md.push_str(&format!(
+            "| {} | {} | {:.2} | {} | {} | {} | {} |\n",
+            f.name,
+            f.unit,
+            f.value,
+            f.baseline.map_or("-".to_string(), |b| format!("{b:.2}")),
+            f.ratio().map_or("-".to_string(), |r| format!("{r:.3}x")),
+            f.target_text().replace('<', "&lt;").replace('>', "&gt;"),
+            f.mark()
+        ));
+    }
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        let text = serde_json::to_string_pretty(&json).map_err(std::io::Error::other)?;
+        std::fs::write(dir.join(format!("{bench}.json")), text + "\n")?;
+        std::fs::write(dir.join(format!("{bench}.md")), md)
+    });
+    match written {
+        Ok(()) => println!(
+            "report: {}/{bench}.json and {bench}.md",
+            dir.canonicalize().unwrap_or(dir).display()
+        ),
+        Err(e) => eprintln!("report: could not write under {}: {e}", dir.display()),
+    }
+}
+
+/// `TOLLGATE_BENCH_QUICK=1`: a shorter run.
+pub fn quick() -> bool {
+    std::env::var("TOLLGATE_BENCH_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// `TOLLGATE_BENCH_ROUNDS`, else `quick_default` / `full_default`.
+pub fn rounds(quick_default: usize, full_default: usize) -> usize {
+    std::env::var("TOLLGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(if quick() { quick_default } else { full_default })
 }
 
 /// Fails (never skips) unless root; names the command to run.
@@ -77,6 +183,110 @@ pub fn require_root() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("these benches create network namespaces and load eBPF: run them as root with\n  sudo -E env \"PATH=$PATH\" cargo bench -p tollgate-benches");
         std::process::exit(1);
+    }
+}
+
+/// The sandbox's address in [`Pair`].
+pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The router's address on the sandbox link in [`Pair`].
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// An address of the host namespace of [`Pair`], reached through the router.
+pub const SINK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// An address nothing owns: TCP to it is only answered when steered.
+pub const STEERED_DST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+
+/// Removes the bench's pins on every path (a panic included).
+pub struct Pins(pub PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// sandbox ns ⇄ veth ⇄ router ns ⇄ veth ⇄ host ns. The sink (198.51.100.1)
+/// lives on the host, reached by forwarding through the router as in
+/// production; steered connections land on a transparent listener in the
+/// router.
+pub struct Pair {
+    /// The sandbox namespace (`eth0`, 10.0.2.15/24).
+    pub s: String,
+    /// The router namespace (`tgs0` towards the sandbox, `up0` towards the
+    /// host; fwmark 0x1 → local delivery, for steered connections).
+    pub r: String,
+    /// The host namespace (198.51.100.1 on `lo`).
+    pub h: String,
+}
+
+impl Pair {
+    /// Creates the three namespaces `tgb-{s,r,h}-<pid>` (replacing leftovers
+    /// of the same names).
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        let pid = std::process::id();
+        let p = Self {
+            s: format!("tgb-s-{pid}"),
+            r: format!("tgb-r-{pid}"),
+            h: format!("tgb-h-{pid}"),
+        };
+        for ns in [&p.s, &p.r, &p.h] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let (s, r, h) = (p.s.as_str(), p.r.as_str(), p.h.as_str());
+        ip(&[
+            "-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "tgs0", "netns", r,
+        ]);
+        ip(&[
+            "-n", r, "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", h,
+        ]);
+        ip(&["-n", s, "addr", "add", "10.0.2.15/24", "dev", "eth0"]);
+        ip(&["-n", r, "addr", "add", "10.0.2.2/24", "dev", "tgs0"]);
+        ip(&["-n", r, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
+        ip(&["-n", h, "addr", "add", "192.0.2.2/24", "dev", "wan0"]);
+        ip(&["-n", h, "addr", "add", "198.51.100.1/32", "dev", "lo"]);
+        for (ns, dev) in [(s, "eth0"), (r, "tgs0"), (r, "up0"), (h, "wan0")] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        ip(&["-n", s, "route", "add", "default", "via", "10.0.2.2"]);
+        ip(&[
+            "-n",
+            r,
+            "route",
+            "add",
+            "198.51.100.0/24",
+            "via",
+            "192.0.2.2",
+        ]);
+        ip(&["-n", h, "route", "add", "10.0.2.0/24", "via", "192.0.2.1"]);
+        ip(&["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ip(&["-n", r, "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"]);
+        ip(&[
+            "-n",
+            r,
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ]);
+        p
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.s, &self.r, &self.h] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
+        }
     }
 }
 
