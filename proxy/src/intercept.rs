@@ -14,10 +14,14 @@ use rustls::ServerConfig;
 
 mod ca;
 mod headers;
+mod scrub;
 mod trust;
 
-pub use ca::{CaError, LeafCache, SandboxCa, BACKDATE, DEFAULT_LEAF_CAPACITY, LEAF_LIFETIME};
+pub use ca::{
+    CaError, LeafCache, SandboxCa, BACKDATE, DEFAULT_LEAF_CAPACITY, LEAF_BACKDATE, LEAF_LIFETIME,
+};
 pub use headers::{Rewrite, RewriteError, REDACTED};
+pub use scrub::{ScrubBody, Scrubber};
 pub use trust::{TrustError, UpstreamTrust, SYSTEM_BUNDLE};
 
 /// Sessions remembered per sandbox for TLS resumption by the sandbox.

@@ -49,6 +49,7 @@ pub fn status_for(err: &ProxyError) -> StatusCode {
         Side::Policy => StatusCode::FORBIDDEN,
         Side::Downstream => match err {
             ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Detect(DetectError::Timeout) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Detect(DetectError::TooLarge) => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
@@ -87,8 +88,10 @@ pub fn alert_for(err: &ProxyError) -> u8 {
 pub fn closes_connection(err: &ProxyError) -> bool {
     // A misdirected request leaves the stream intact: the client may retry
     // on another connection while this one serves its own name.
-    !matches!(err, ProxyError::Misdirected)
-        && matches!(err.side(), Side::Downstream | Side::Internal)
+    !matches!(
+        err,
+        ProxyError::Misdirected | ProxyError::MethodNotAllowed(_)
+    ) && matches!(err.side(), Side::Downstream | Side::Internal)
 }
 
 fn body_text(status: StatusCode, reason: &str) -> String {

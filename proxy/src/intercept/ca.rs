@@ -5,8 +5,9 @@
 //!   Backdated by [`BACKDATE`] so a guest restored from an old snapshot with
 //!   a stale clock still accepts it; valid for [`CA_LIFETIME`].
 //! * Leaves: SAN = the A-label name, serverAuth only, digitalSignature,
-//!   authority key id of the CA, a random 128-bit serial, backdated by the
-//!   same amount, valid for [`LEAF_LIFETIME`]. All leaves of a sandbox share
+//!   authority key id of the CA, a random 128-bit serial, backdated by
+//!   [`LEAF_BACKDATE`] and valid for [`LEAF_LIFETIME`] after minting
+//!   (under a year in all). All leaves of a sandbox share
 //!   one P-256 key generated in memory when the CA is loaded (minting is
 //!   then one signature); neither key ever enters the sandbox.
 //!
@@ -28,15 +29,18 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::{CertifiedKey, SigningKey};
 use time::OffsetDateTime;
 
-/// How far validity starts in the past (a restored guest's clock may lag
-/// by the snapshot's age).
+/// How far the CA's validity starts in the past (a restored guest's clock
+/// may lag by the snapshot's age).
 pub const BACKDATE: Duration = Duration::from_secs(400 * 24 * 3600);
 /// CA validity after creation.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Leaf validity after minting.
-pub const LEAF_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How far a leaf's validity starts in the past.
+pub const LEAF_BACKDATE: Duration = Duration::from_secs(180 * 24 * 3600);
+/// Leaf validity after minting; with [`LEAF_BACKDATE`] a leaf is valid for
+/// 360 days in all, under the one-year bound clients apply.
+pub const LEAF_LIFETIME: Duration = Duration::from_secs(180 * 24 * 3600);
 /// A cached leaf older than this is minted again.
-pub const LEAF_REFRESH: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const LEAF_REFRESH: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Default bound on cached leaves per sandbox.
 pub const DEFAULT_LEAF_CAPACITY: usize = 1024;
 
@@ -165,7 +169,7 @@ impl SandboxCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
+        params.not_before = now - LEAF_BACKDATE;
         params.not_after = now + LEAF_LIFETIME;
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&self.leaf_key, &self.issuer)?;

@@ -14,6 +14,8 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::policy::Transform;
 
+use super::scrub::Scrubber;
+
 /// What a redacted value is replaced with.
 pub const REDACTED: &str = "[redacted by tollgate]";
 
@@ -66,6 +68,14 @@ impl Rewrite {
                 }
             }
         }
+        // Their base64 forms too (an echo of a Basic credential, a JSON
+        // body with the value encoded).
+        let encoded: Vec<Vec<u8>> = secrets
+            .iter()
+            .filter(|s| s.len() >= MIN_SECRET_TOKEN)
+            .flat_map(|s| [base64(s, STD), base64(s, URL_SAFE)])
+            .collect();
+        secrets.extend(encoded);
         secrets.sort();
         secrets.dedup();
         Ok(Self {
@@ -115,10 +125,47 @@ impl Rewrite {
             .any(|s| value.len() >= s.len() && value.windows(s.len()).any(|w| w == &s[..]))
     }
 
+    /// A scrubber for response bodies, when something is injected.
+    pub fn scrubber(&self) -> Option<Scrubber> {
+        Scrubber::new(&self.secrets)
+    }
+
+    /// Whether this transform injects anything (whose value must then
+    /// never come back).
+    pub fn has_secrets(&self) -> bool {
+        !self.secrets.is_empty()
+    }
+
     /// Whether this transform changes nothing.
     pub fn is_noop(&self) -> bool {
         self.strip.is_empty() && self.inject.is_empty()
     }
+}
+
+const STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Base64 of `data` as it appears inside a longer encoding: without
+/// padding, and without the last character when padding was needed (its
+/// bits depend on the bytes that follow).
+fn base64(data: &[u8], alphabet: &[u8; 64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize]);
+        }
+    }
+    if data.len() % 3 != 0 {
+        out.pop();
+    }
+    out
 }
 
 impl std::fmt::Debug for Rewrite {
@@ -198,6 +245,17 @@ mod tests {
         assert_eq!(h.get("x-key").unwrap(), REDACTED);
         assert_eq!(h.get("x-other").unwrap(), "Bearer");
         assert_eq!(h.get("content-type").unwrap(), "text/plain");
+    }
+
+    #[test]
+    fn base64_forms_are_secrets_too() {
+        assert_eq!(base64(b"Man", STD), b"TWFu");
+        assert_eq!(base64(b"Ma", STD), b"TW");
+        assert_eq!(base64(b"\xfb\xff", URL_SAFE), b"-_");
+        let rw = rule();
+        // base64("sk-real-secret-0123") = c2stcmVhbC1zZWNyZXQtMDEyMw==
+        assert!(rw.carries_secret(b"x c2stcmVhbC1zZWNyZXQtMDEyM y"));
+        assert!(!rw.carries_secret(b"c2stcmVhbC1z"));
     }
 
     #[test]

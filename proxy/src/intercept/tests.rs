@@ -57,14 +57,27 @@ fn another_sandboxs_ca_does_not_validate_the_leaf() {
 }
 
 #[test]
-fn a_stale_guest_clock_still_accepts_the_leaf_and_ca() {
+fn a_stale_guest_clock_still_accepts_the_leaf_and_validity_is_under_a_year() {
     let ca = SandboxCa::generate("sbx-a").unwrap();
     let leaf = ca.mint("api.test").unwrap();
-    let year_ago = SystemTime::now() - Duration::from_secs(365 * 24 * 3600);
-    assert!(verify_at(&ca, &leaf, "api.test", year_ago));
-    // Not valid forever: past the leaf lifetime it expires.
-    let later = SystemTime::now() + LEAF_LIFETIME + Duration::from_secs(24 * 3600);
-    assert!(!verify_at(&ca, &leaf, "api.test", later));
+    let day = Duration::from_secs(24 * 3600);
+    let now = SystemTime::now();
+    assert!(verify_at(&ca, &leaf, "api.test", now - 150 * day));
+    assert!(verify_at(&ca, &leaf, "api.test", now + 150 * day));
+    // Bounded on both sides: 180 days back, 180 days ahead.
+    assert!(!verify_at(
+        &ca,
+        &leaf,
+        "api.test",
+        now - LEAF_BACKDATE - day
+    ));
+    assert!(!verify_at(
+        &ca,
+        &leaf,
+        "api.test",
+        now + LEAF_LIFETIME + day
+    ));
+    assert!(LEAF_BACKDATE + LEAF_LIFETIME <= 365 * day);
 }
 
 #[test]

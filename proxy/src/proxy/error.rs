@@ -106,6 +106,9 @@ pub enum ProxyError {
     /// connection's SNI (or its port is not the destination port).
     #[error("the request's authority is not the connection's server name")]
     Misdirected,
+    /// A method the proxy does not forward on this connection.
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(&'static str),
     /// A proxy bug or resource exhaustion.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -136,9 +139,11 @@ impl ProxyError {
             | Self::TlsVersion
             | Self::ResolvedForbidden { .. }
             | Self::ConnectionLimit => Side::Policy,
-            Self::Detect(_) | Self::BadRequest(_) | Self::DownstreamIo(_) | Self::Misdirected => {
-                Side::Downstream
-            }
+            Self::Detect(_)
+            | Self::BadRequest(_)
+            | Self::DownstreamIo(_)
+            | Self::Misdirected
+            | Self::MethodNotAllowed(_) => Side::Downstream,
             Self::Resolve { .. }
             | Self::NoAddress(_)
             | Self::Connect { .. }
@@ -179,6 +184,7 @@ impl ProxyError {
             Self::UpstreamCertificate(r) => r,
             Self::UpstreamTls(_) => "upstream_tls",
             Self::Misdirected => "misdirected_request",
+            Self::MethodNotAllowed(r) => r,
             Self::Internal(r) => r,
         }
     }

@@ -24,8 +24,11 @@
 //!    http/1.1, connections pooled per sandbox, name and port. A
 //!    certificate failure → `502` with `upstream_cert_*`; no request byte
 //!    was sent. Redirects are returned, never followed.
-//! 5. Response headers and trailers that carry an injected value are
-//!    redacted.
+//! 5. Response headers and trailers that carry an injected value (or its
+//!    base64) are redacted; in bodies every occurrence is masked with `*`
+//!    (same length). Requests carrying a secret ask for
+//!    `accept-encoding: identity` so that bodies stay scannable.
+//!    `TRACE` and `CONNECT` → `405`.
 //! 6. A WebSocket upgrade (HTTP/1.1) goes over a fresh HTTP/1.1-only
 //!    upstream connection and becomes a byte relay only on a genuine `101`.
 
@@ -37,7 +40,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, EXPECT, HOST, TE, UPGRADE};
+use http::header::{
+    HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, EXPECT, HOST, TE, UPGRADE,
+};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
@@ -49,7 +54,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::intercept::{Interception, Rewrite};
+use crate::intercept::{Interception, Rewrite, ScrubBody};
 use crate::policy::{CompiledPolicy, Dial, Transform, Verdict};
 use crate::respond::{self, Body};
 use crate::tunnel::Activity;
@@ -67,6 +72,8 @@ use pool::{Key, Sender};
 /// Request bodies as sent upstream.
 pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
 
+/// Most concurrent HTTP/2 streams a sandbox may open per connection.
+const MAX_STREAMS: u32 = 100;
 /// Bound on completing both sides of a WebSocket upgrade after the 101.
 const UPGRADE_WAIT: Duration = Duration::from_secs(10);
 
@@ -177,6 +184,7 @@ pub(super) async fn serve(
             // stream's throughput at one window per round trip.
             b.timer(TokioTimer::new())
                 .adaptive_window(true)
+                .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
             b.serve_connection(io, svc).await
         } else {
@@ -212,15 +220,20 @@ impl Conn {
     async fn request(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let dst = self.handle.dst();
         let name = Some(self.sni.as_str());
+        // No tunnel inside an intercepted stream; TRACE would reflect the
+        // injected headers.
+        if req.method() == Method::CONNECT {
+            return self.refuse(ProxyError::MethodNotAllowed("connect_not_allowed"));
+        }
+        if req.method() == Method::TRACE {
+            return self.refuse(ProxyError::MethodNotAllowed("trace_not_allowed"));
+        }
         let target = match self.target(&req) {
             Ok(t) => t,
             Err(e) => return self.refuse(e),
         };
         if target.host != self.sni || target.port.is_some_and(|p| p != dst.port()) {
             return self.refuse(ProxyError::Misdirected);
-        }
-        if req.method() == Method::CONNECT {
-            return self.refuse(ProxyError::BadRequest("connect_not_allowed"));
         }
         let upgrade = !self.h2 && wants_upgrade(&req);
         if upgrade
@@ -337,6 +350,12 @@ impl Conn {
         parts.headers.remove(EXPECT);
         if let Some(rw) = rewrite {
             rw.apply(&mut parts.headers);
+            if rw.has_secrets() {
+                // Responses must stay scannable for echoed secrets.
+                parts
+                    .headers
+                    .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+            }
         }
         if te_trailers {
             parts
@@ -523,7 +542,8 @@ impl Conn {
     }
 
     /// An upstream response as the sandbox gets it: hop-by-hop headers
-    /// removed, secrets redacted from headers and trailers, body streamed.
+    /// removed, injected values redacted from headers and trailers and
+    /// masked in the body, body streamed.
     fn relayed(&self, resp: Response<Incoming>, rewrite: Option<&Rewrite>) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -533,24 +553,44 @@ impl Conn {
             Version::HTTP_11
         };
         parts.extensions = http::Extensions::new();
-        let body = match rewrite {
-            Some(rw) if !rw.is_noop() => {
-                if rw.redact(&mut parts.headers) > 0 {
-                    self.proxy
-                        .events
-                        .denied(Some(&self.sni), self.handle.dst(), "secret_redacted");
+        let Some(rw) = rewrite.filter(|rw| rw.has_secrets()) else {
+            return Response::from_parts(parts, body.boxed());
+        };
+        let redacted = rw.redact(&mut parts.headers);
+        let trailer_rw = rw.clone();
+        let redact_trailers = move |t: &mut http::HeaderMap| {
+            trailer_rw.redact(t);
+        };
+        let encoded = parts
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        let body = match rw.scrubber() {
+            Some(scrub) if !encoded => ScrubBody::new(body, scrub, redact_trailers).boxed(),
+            _ => {
+                // The upstream compressed despite `accept-encoding:
+                // identity`: the body cannot be scanned (trailers still are).
+                if encoded {
+                    tracing::warn!(
+                        sandbox = %self.proxy.sandbox_id, name = %self.sni,
+                        "encoded response body from a transform domain is not scrubbed"
+                    );
                 }
-                let rw = rw.clone();
                 body.map_frame(move |mut f| {
                     if let Some(t) = f.trailers_mut() {
-                        rw.redact(t);
+                        redact_trailers(t);
                     }
                     f
                 })
                 .boxed()
             }
-            _ => body.boxed(),
         };
+        if redacted > 0 {
+            tracing::info!(
+                sandbox = %self.proxy.sandbox_id, name = %self.sni, headers = redacted,
+                "redacted injected values from a response"
+            );
+        }
         Response::from_parts(parts, body)
     }
 

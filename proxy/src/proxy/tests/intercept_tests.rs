@@ -54,6 +54,13 @@ fn tls_origin(l: TcpListener, p: &Pki) -> (Server, Arc<Origin>) {
                                 );
                             }
                         }
+                        "/echo-body" => {
+                            let mut text = String::new();
+                            for (n, v) in &parts.headers {
+                                text.push_str(&format!("{n}: {}\n", v.to_str().unwrap_or("")));
+                            }
+                            *resp.body_mut() = Full::new(Bytes::from(text));
+                        }
                         "/redirect" => {
                             *resp.status_mut() = StatusCode::FOUND;
                             resp.headers_mut().insert(
@@ -212,9 +219,12 @@ async fn injects_and_strips(h2: bool) {
             "/v1/models",
             &[
                 ("authorization", "Bearer sandbox-own"),
+                ("Authorization", "Basic c2FuZGJveA=="),
+                ("proxy-authorization", "Basic cHJveHk="),
                 ("x-api-key", "leak-1"),
                 ("X-Api-Key", "leak-2"),
                 ("accept", "application/json"),
+                ("accept-encoding", "gzip"),
             ],
         )
         .await;
@@ -226,7 +236,10 @@ async fn injects_and_strips(h2: bool) {
     let auth: Vec<_> = got.get_all("authorization").iter().collect();
     assert_eq!(auth, vec![SECRET]);
     assert!(got.get("x-api-key").is_none());
+    assert!(got.get("proxy-authorization").is_none());
     assert_eq!(got.get("accept").unwrap(), "application/json");
+    // Responses must stay scannable for the secret.
+    assert_eq!(got.get("accept-encoding").unwrap(), "identity");
     assert_eq!(seen[0].method, "GET");
 }
 
@@ -407,4 +420,51 @@ async fn the_leaf_is_minted_once_for_many_connections() {
     }
     let ic = s.h.proxy.config().interception.clone().unwrap();
     assert_eq!(ic.leaves().mints(), 1);
+}
+
+#[tokio::test]
+async fn secret_echoed_in_a_body_is_masked_keeping_the_length() {
+    let s = setup().await;
+    for h2 in [false, true] {
+        let mut c = Client::connect(&s, h2).await;
+        let (status, headers, body) = c.get("api.test", "/echo-body", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body.clone()).unwrap();
+        assert!(!text.contains("sk-live"), "h2={h2}: {text}");
+        assert!(text.contains("authorization: *****"), "h2={h2}: {text}");
+        if let Some(len) = headers.get("content-length") {
+            assert_eq!(len.to_str().unwrap(), body.len().to_string());
+        }
+    }
+}
+
+#[tokio::test]
+async fn trace_and_connect_are_405_and_never_forwarded() {
+    let s = setup().await;
+    let Client::H1(mut send) = Client::connect(&s, false).await else {
+        unreachable!()
+    };
+    for method in ["TRACE", "CONNECT"] {
+        let uri = if method == "CONNECT" {
+            "internal.test:22"
+        } else {
+            "/"
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "api.test")
+            .body(Empty::new())
+            .unwrap();
+        bounded(send.ready()).await.unwrap();
+        let resp = bounded(send.send_request(req)).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method}: {:?}",
+            resp.headers()
+        );
+        let _ = bounded(resp.into_body().collect()).await;
+    }
+    assert!(s.origin.seen.lock().unwrap().is_empty());
 }

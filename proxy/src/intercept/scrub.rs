@@ -1,0 +1,214 @@
+//! Secrets scrubbed from response bodies: every occurrence of an injected
+//! value (or of one of its long tokens, or their base64 forms) in a body
+//! that flows back to the sandbox is overwritten with `*`, byte for byte,
+//! so `Content-Length` stays true. Occurrences split across chunks are
+//! found: the last `longest - 1` bytes of each chunk wait for the next.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use hyper::body::{Body, Frame, SizeHint};
+use memchr::memmem::Finder;
+
+/// Finds and masks secrets in a byte stream.
+#[derive(Clone, Debug)]
+pub struct Scrubber {
+    finders: Vec<Finder<'static>>,
+    keep: usize,
+    carry: BytesMut,
+    masked: usize,
+}
+
+impl Scrubber {
+    /// A scrubber for `secrets` (empty ones are ignored); `None` when there
+    /// is nothing to look for.
+    pub fn new(secrets: &[Vec<u8>]) -> Option<Self> {
+        let finders: Vec<Finder<'static>> = secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| Finder::new(s).into_owned())
+            .collect();
+        let longest = finders.iter().map(|f| f.needle().len()).max()?;
+        Some(Self {
+            finders,
+            keep: longest - 1,
+            carry: BytesMut::new(),
+            masked: 0,
+        })
+    }
+
+    /// Feeds `data`; returns what may be passed on now.
+    pub fn push(&mut self, data: &[u8]) -> Bytes {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(data);
+        self.mask(&mut buf);
+        if buf.len() <= self.keep {
+            self.carry = buf;
+            return Bytes::new();
+        }
+        self.carry = buf.split_off(buf.len() - self.keep);
+        buf.freeze()
+    }
+
+    /// The held-back tail, at the end of the stream.
+    pub fn finish(&mut self) -> Bytes {
+        let mut buf = std::mem::take(&mut self.carry);
+        self.mask(&mut buf);
+        buf.freeze()
+    }
+
+    /// Occurrences masked so far.
+    pub fn masked(&self) -> usize {
+        self.masked
+    }
+
+    fn mask(&mut self, buf: &mut [u8]) {
+        for f in &self.finders {
+            let n = f.needle().len();
+            let mut from = 0;
+            while let Some(i) = f.find(&buf[from..]) {
+                let at = from + i;
+                buf[at..at + n].fill(b'*');
+                self.masked += 1;
+                from = at + n;
+            }
+        }
+    }
+}
+
+/// A response body with secrets masked in its data and redacted from its
+/// trailers.
+pub struct ScrubBody<B> {
+    inner: B,
+    scrub: Scrubber,
+    redact_trailers: Box<dyn Fn(&mut HeaderMap) + Send + Sync>,
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl<B> ScrubBody<B> {
+    /// Wraps `inner`; `redact_trailers` is applied to its trailers.
+    pub fn new(
+        inner: B,
+        scrub: Scrubber,
+        redact_trailers: impl Fn(&mut HeaderMap) + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            scrub,
+            redact_trailers: Box::new(redact_trailers),
+            trailers: None,
+            done: false,
+        }
+    }
+}
+
+impl<B> Body for ScrubBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.scrub.push(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(mut t) = frame.into_trailers() {
+                            (this.redact_trailers)(&mut t);
+                            this.trailers = Some(t);
+                        }
+                        this.done = true;
+                        let tail = this.scrub.finish();
+                        if !tail.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(tail))));
+                        }
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    this.done = true;
+                    let tail = this.scrub.finish();
+                    if !tail.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(tail))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.trailers.is_none() && self.scrub.carry.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Masking keeps every length.
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn run(secrets: &[&str], chunks: &[&str]) -> (String, usize) {
+        let secrets: Vec<Vec<u8>> = secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
+        let mut s = Scrubber::new(&secrets).unwrap();
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&s.push(c.as_bytes()));
+        }
+        out.extend_from_slice(&s.finish());
+        (String::from_utf8(out).unwrap(), s.masked())
+    }
+
+    #[test]
+    fn masks_in_place_keeping_the_length() {
+        let (out, n) = run(&["sk-secret"], &["{\"auth\": \"Bearer sk-secret\"}"]);
+        assert_eq!(out, "{\"auth\": \"Bearer *********\"}");
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn finds_secrets_split_across_chunks_of_any_size() {
+        let body = "aa sk-secret bb sk-secret";
+        for size in 1..body.len() {
+            let chunks: Vec<String> = body
+                .as_bytes()
+                .chunks(size)
+                .map(|c| String::from_utf8(c.to_vec()).unwrap())
+                .collect();
+            let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+            let (out, n) = run(&["sk-secret"], &refs);
+            assert_eq!(out, "aa ********* bb *********", "chunk size {size}");
+            assert_eq!(n, 2);
+        }
+    }
+
+    #[test]
+    fn leaves_other_bytes_alone() {
+        let (out, n) = run(
+            &["sk-secret", "c2stc2VjcmV0"],
+            &["nothing ", "to see ", "sk-secre"],
+        );
+        assert_eq!(out, "nothing to see sk-secre");
+        assert_eq!(n, 0);
+    }
+}
