@@ -226,6 +226,21 @@ fn curl_h1_and_h2_get_the_injected_credential_and_64_mib_both_ways() {
         let up = last_to(w.origin("api.test"), "/upload");
         assert_eq!(up.header_all("authorization"), vec![SECRET]);
     }
+
+    // HTTP/1.1 chunked upload with `Expect: 100-continue`: the client gets
+    // its 100 from the proxy, the body streams through intact.
+    let out = w.ok(
+        &id,
+        "head -c 3000000 /dev/urandom > /tmp/up && sha256sum /tmp/up | cut -d' ' -f1 \
+         && curl -sS --http1.1 -H 'Transfer-Encoding: chunked' -H 'Expect: 100-continue' \
+         --data-binary @/tmp/up https://api.test/upload; rm -f /tmp/up",
+    );
+    let mut lines = out.lines();
+    let sent = lines.next().expect("local sha256").trim().to_string();
+    let answer: Value = serde_json::from_str(lines.next().expect("upload answer"))
+        .unwrap_or_else(|e| panic!("chunked: {e}: {out}"));
+    assert_eq!(answer["len"], 3_000_000);
+    assert_eq!(answer["sha256"], sent.as_str(), "chunked upload corrupted");
 }
 
 #[test]
@@ -480,9 +495,13 @@ fn an_echoed_secret_never_reaches_the_sandbox() {
             "{flag}: secret in response headers: {out}"
         );
     }
-    // Events and the API never carry the value either.
+    // Events, the daemon's log and the API never carry the value either.
     let evs = serde_json::to_string(&w.events(&id)).expect("json");
     assert!(!evs.contains(SECRET_KEY));
+    assert!(
+        !w.d.log().contains(SECRET_KEY),
+        "the secret is in the daemon's log"
+    );
     let got = w.d.call(
         Method::GET,
         &format!("/v1/sandbox/{id}/"),

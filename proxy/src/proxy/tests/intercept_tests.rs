@@ -14,6 +14,7 @@ const SECRET: &str = "Bearer sk-live-0123456789abcdef";
 #[derive(Default)]
 struct Origin {
     seen: Mutex<Vec<Seen>>,
+    trailers: Mutex<Vec<::http::HeaderMap>>,
     versions: Mutex<Vec<::http::Version>>,
     handshakes: AtomicUsize,
 }
@@ -39,7 +40,11 @@ fn tls_origin(l: TcpListener, p: &Pki) -> (Server, Arc<Origin>) {
                 let o = Arc::clone(&o);
                 async move {
                     let (parts, body) = req.into_parts();
-                    let body = body.collect().await?.to_bytes().to_vec();
+                    let collected = body.collect().await?;
+                    if let Some(t) = collected.trailers() {
+                        o.trailers.lock().unwrap().push(t.clone());
+                    }
+                    let body = collected.to_bytes().to_vec();
                     let mut resp = ::http::Response::new(Full::new(Bytes::from(format!(
                         "ok {}",
                         parts.uri.path()
@@ -467,4 +472,76 @@ async fn trace_and_connect_are_405_and_never_forwarded() {
         let _ = bounded(resp.into_body().collect()).await;
     }
     assert!(s.origin.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn request_trailers_lose_stripped_and_injected_names() {
+    let s = setup().await;
+    let alpn: &[&[u8]] = &[b"h2"];
+    let tls = tls_connect(s.h.addr, sandbox_client(&s.ca, alpn), "api.test")
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = ::http::HeaderMap::new();
+    trailers.insert("x-api-key", "in-trailer".parse().unwrap());
+    trailers.insert("authorization", "Bearer smuggled".parse().unwrap());
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    let body = WithTrailers {
+        data: Some(Bytes::from_static(b"payload")),
+        trailers: Some(trailers),
+    };
+    let req = Request::builder()
+        .method("POST")
+        .uri("https://api.test/t")
+        .version(::http::Version::HTTP_2)
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let resp = bounded(send.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let _ = bounded(resp.into_body().collect()).await;
+    let seen = s.origin.seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, b"payload");
+    assert_eq!(
+        seen[0]
+            .headers
+            .get_all("authorization")
+            .iter()
+            .collect::<Vec<_>>(),
+        vec![SECRET]
+    );
+    let t = s.origin.trailers.lock().unwrap();
+    let t = t.first().expect("trailers reached the origin");
+    assert_eq!(t.get("x-checksum").unwrap(), "abc");
+    assert!(t.get("x-api-key").is_none());
+    assert!(t.get("authorization").is_none());
+}
+
+/// A request body: one data frame, then trailers.
+struct WithTrailers {
+    data: Option<Bytes>,
+    trailers: Option<::http::HeaderMap>,
+}
+
+impl hyper::body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let frame = match self.data.take() {
+            Some(d) => Some(hyper::body::Frame::data(d)),
+            None => self.trailers.take().map(hyper::body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
 }
