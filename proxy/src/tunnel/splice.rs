@@ -20,10 +20,11 @@ use super::{retry, Pump, PumpError};
 /// holds.
 const SPLICE_LEN: usize = 1 << 20;
 
-/// Capacity asked for each pipe (`F_SETPIPE_SZ`). 256 KiB cut the relay's
-/// CPU per GiB by ~20% against the 64 KiB default (0.26 vs 0.33 s/GiB,
-/// `tunnel_throughput_splice_vs_copy`); pipe pages are only pinned while
-/// data is in flight.
+/// Capacity asked for each pipe (`F_SETPIPE_SZ`). 256 KiB cut the relay
+/// thread's CPU per GiB by ~20% against the 64 KiB default (0.26 vs 0.33
+/// s/GiB, loopback, one relay thread); the `tunnel` bench reports the
+/// proxy's CPU per GiB for both copy modes. Pipe pages are only pinned
+/// while data is in flight.
 const PIPE_SIZE: i32 = 256 * 1024;
 
 /// How a splice pump ended.
