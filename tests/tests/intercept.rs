@@ -27,7 +27,16 @@ const DNS: &str = "198.51.100.53";
 const SECRET: &str = "Bearer sk-tollgate-test-0123456789abcdef";
 const SECRET_KEY: &str = "sk-tollgate-test-0123456789abcdef";
 const REDACTED: &str = "[redacted by tollgate]";
-const PROBES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/probe");
+/// Probe scripts, written into the sandbox (whose /tmp is private, so the
+/// checkout's path may not be visible inside).
+const WS_PROBE: &str = include_str!("../probe/ws_echo.py");
+const GRPC_PROBE: &str = include_str!("../probe/grpc_call.py");
+
+/// A shell prefix that writes `script` to `/tmp/<name>` inside the sandbox.
+fn install(name: &str, script: &str) -> String {
+    assert!(!script.contains("TOLLGATE_PROBE_EOF"));
+    format!("cat > /tmp/{name} <<'TOLLGATE_PROBE_EOF'\n{script}\nTOLLGATE_PROBE_EOF\n")
+}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip literal")
@@ -409,7 +418,10 @@ fn websocket_and_grpc_work_through_interception() {
     let id = w.sandbox(transform_policy(&[]));
     let out = w.ok(
         &id,
-        &format!("/usr/bin/python3 {PROBES}/ws_echo.py api.test 443 \"$SSL_CERT_FILE\""),
+        &format!(
+            "{}/usr/bin/python3 /tmp/ws_echo.py api.test 443 \"$SSL_CERT_FILE\"",
+            install("ws_echo.py", WS_PROBE)
+        ),
     );
     let ws: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert!(
@@ -422,7 +434,8 @@ fn websocket_and_grpc_work_through_interception() {
     let out = w.ok(
         &id,
         &format!(
-            "/usr/bin/python3 {PROBES}/grpc_call.py api.test 443 \"$SSL_CERT_FILE\" --messages 5"
+            "{}/usr/bin/python3 /tmp/grpc_call.py api.test 443 \"$SSL_CERT_FILE\" --messages 5",
+            install("grpc_call.py", GRPC_PROBE)
         ),
     );
     let g: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
@@ -495,6 +508,11 @@ fn an_echoed_secret_never_reaches_the_sandbox() {
             "{flag}: secret in response headers: {out}"
         );
     }
+    // The origin's /echo body (a JSON summary of the request headers)
+    // reaches the sandbox with the value masked.
+    let body = w.ok(&id, "curl -sS https://api.test/echo");
+    assert!(body.contains("authorization"), "{body}");
+    assert!(!body.contains(SECRET_KEY), "secret in a response body: {body}");
     // Events, the daemon's log and the API never carry the value either.
     let evs = serde_json::to_string(&w.events(&id)).expect("json");
     assert!(!evs.contains(SECRET_KEY));

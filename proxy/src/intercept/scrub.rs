@@ -3,6 +3,13 @@
 //! that flows back to the sandbox is overwritten with `*`, byte for byte,
 //! so `Content-Length` stays true. Occurrences split across chunks are
 //! found: the last `longest - 1` bytes of each chunk wait for the next.
+//!
+//! Streams must not stall on that hold-back (a gRPC or SSE stream waits
+//! for each message): when the upstream has nothing more for now, the held
+//! bytes are sent. If they end with the beginning of a secret, the rest of
+//! that secret is still masked when it arrives; only the part sent before
+//! the pause went out as it was (an upstream pausing in the middle of
+//! echoing a secret: residual risk, documented).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -19,6 +26,9 @@ pub struct Scrubber {
     keep: usize,
     carry: BytesMut,
     masked: usize,
+    /// After a flush: (secret index, bytes of it already sent) for every
+    /// secret whose beginning ended the flushed bytes.
+    partial: Vec<(usize, usize)>,
 }
 
 impl Scrubber {
@@ -36,6 +46,7 @@ impl Scrubber {
             keep: longest - 1,
             carry: BytesMut::new(),
             masked: 0,
+            partial: Vec::new(),
         })
     }
 
@@ -43,6 +54,7 @@ impl Scrubber {
     pub fn push(&mut self, data: &[u8]) -> Bytes {
         let mut buf = std::mem::take(&mut self.carry);
         buf.extend_from_slice(data);
+        self.mask_continuations(&mut buf);
         self.mask(&mut buf);
         if buf.len() <= self.keep {
             self.carry = buf;
@@ -57,6 +69,38 @@ impl Scrubber {
         let mut buf = std::mem::take(&mut self.carry);
         self.mask(&mut buf);
         buf.freeze()
+    }
+
+    /// The held-back bytes, now (the stream paused); remembers which
+    /// secrets they may have begun.
+    pub fn flush(&mut self) -> Bytes {
+        let buf = self.finish();
+        self.partial.clear();
+        for (i, f) in self.finders.iter().enumerate() {
+            let needle = f.needle();
+            for k in (1..needle.len()).rev() {
+                if buf.len() >= k && buf[buf.len() - k..] == needle[..k] {
+                    self.partial.push((i, k));
+                }
+            }
+        }
+        buf
+    }
+
+    /// Whether bytes are held back.
+    pub fn holding(&self) -> bool {
+        !self.carry.is_empty()
+    }
+
+    /// Masks the rest of a secret that the last flush ended in the middle of.
+    fn mask_continuations(&mut self, buf: &mut [u8]) {
+        for (i, k) in std::mem::take(&mut self.partial) {
+            let rest = &self.finders[i].needle()[k..];
+            if buf.len() >= rest.len() && &buf[..rest.len()] == rest {
+                buf[..rest.len()].fill(b'*');
+                self.masked += 1;
+            }
+        }
     }
 
     /// Occurrences masked so far.
@@ -121,7 +165,13 @@ where
             if this.done {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            if polled.is_pending() && this.scrub.holding() {
+                // Nothing more for now: do not stall a stream on the
+                // hold-back.
+                return Poll::Ready(Some(Ok(Frame::data(this.scrub.flush()))));
+            }
+            match ready!(polled) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let out = this.scrub.push(&data);
@@ -200,6 +250,24 @@ mod tests {
             assert_eq!(out, "aa ********* bb *********", "chunk size {size}");
             assert_eq!(n, 2);
         }
+    }
+
+    #[test]
+    fn a_flush_mid_secret_still_masks_the_rest() {
+        let secrets = vec![b"sk-secret".to_vec()];
+        let mut s = Scrubber::new(&secrets).unwrap();
+        let mut out = s.push(b"key: sk-se").to_vec();
+        assert!(s.holding());
+        out.extend_from_slice(&s.flush());
+        assert!(!s.holding());
+        out.extend_from_slice(&s.push(b"cret; next"));
+        out.extend_from_slice(&s.finish());
+        assert_eq!(String::from_utf8(out).unwrap(), "key: sk-se****; next");
+        // Short messages pass at once when the stream pauses.
+        let mut s = Scrubber::new(&secrets).unwrap();
+        let mut out = s.push(b"ping").to_vec();
+        out.extend_from_slice(&s.flush());
+        assert_eq!(out, b"ping");
     }
 
     #[test]
