@@ -60,16 +60,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
+use tollgate_benches::rig::{
+    client_config, interleaved, loadavg, loopback_listener, med, on, policy, runtime, BoxError,
+    Events, Pki, Role, Sample, Tag, Threads,
+};
 use tollgate_benches::{
-    median, print_summary, quick, rounds, write_report, Figure, Pair, Pins, Target, GATEWAY, GUEST,
-    SINK, STEERED_DST,
+    print_summary, quick, rounds, write_report, Figure, Pair, Pins, Target, GATEWAY, GUEST, SINK,
+    STEERED_DST,
 };
 use tollgate_ebpf::{EgressPolicy, Filter, FloorSet, Mode, SandboxNet};
-use tollgate_proxy::policy::{CompiledPolicy, Floor, NetworkPolicy};
+use tollgate_proxy::policy::Floor;
 use tollgate_proxy::proxy::{ProxyConfig, ProxyEvents, SandboxProxy, StaticResolver};
 use tollgate_proxy::tunnel::CopyMode;
 
@@ -91,103 +95,6 @@ const ROUND_BOUND: Duration = Duration::from_secs(120);
 const MIB: f64 = (1u64 << 20) as f64;
 const GIB: f64 = (1u64 << 30) as f64;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-// === the proxy's view: events and CPU ===
-
-/// Counts what the proxy refused or failed, keeping the last reason, so a
-/// failing client can say why.
-#[derive(Default)]
-struct Events {
-    denied: AtomicUsize,
-    failed: AtomicUsize,
-    last: Mutex<Option<String>>,
-}
-
-impl Events {
-    fn note(&self, what: &str, name: Option<&str>, dst: SocketAddr, reason: &str) {
-        if let Ok(mut last) = self.last.lock() {
-            *last = Some(format!("{what} {reason} (name {name:?}, dst {dst})"));
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "proxy: {} denied, {} upstream failures, last: {}",
-            self.denied.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            self.last
-                .lock()
-                .ok()
-                .and_then(|l| l.clone())
-                .unwrap_or_else(|| "none".into())
-        )
-    }
-}
-
-impl ProxyEvents for Events {
-    fn denied(&self, name: Option<&str>, dst: SocketAddr, reason: &str) {
-        self.denied.fetch_add(1, Ordering::Relaxed);
-        self.note("denied", name, dst, reason);
-    }
-    fn tunneled(&self, _: Option<&str>, _: SocketAddr, _: SocketAddr) {}
-    fn upstream_failed(&self, name: Option<&str>, dst: SocketAddr, reason: &str) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        self.note("upstream failed", name, dst, reason);
-    }
-}
-
-/// Which runtime a thread belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Role {
-    Client,
-    Origin,
-    Proxy,
-}
-
-/// The thread ids of the three runtimes, to read their CPU time apart.
-#[derive(Clone, Default)]
-struct Threads(Arc<Mutex<Vec<(Role, i32)>>>);
-
-/// Nanoseconds each thread has run, by thread id.
-type CpuSnapshot = HashMap<i32, (Role, u64)>;
-
-impl Threads {
-    /// Records the calling thread as one of `role`'s.
-    fn register(&self, role: Role) {
-        if let Ok(mut t) = self.0.lock() {
-            t.push((role, nix::unistd::gettid().as_raw()));
-        }
-    }
-
-    fn snapshot(&self) -> CpuSnapshot {
-        let tids = self.0.lock().map(|t| t.clone()).unwrap_or_default();
-        tids.into_iter()
-            .filter_map(|(role, tid)| {
-                let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
-                Some((tid, (role, s.split_whitespace().next()?.parse().ok()?)))
-            })
-            .collect()
-    }
-
-    /// Seconds `role`'s threads ran since `before`.
-    fn since(now: &CpuSnapshot, before: &CpuSnapshot, role: Role) -> f64 {
-        let ns: u64 = now
-            .iter()
-            .filter(|(_, (r, _))| *r == role)
-            .map(|(tid, (_, ns))| ns.saturating_sub(before.get(tid).map_or(0, |b| b.1)))
-            .sum();
-        ns as f64 / 1e9
-    }
-}
-
-/// CPU seconds the whole process has run (every thread, exited ones too).
-fn process_cpu() -> f64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
-        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
-        .expect("CLOCK_PROCESS_CPUTIME_ID")
-}
-
 // === TLS material ===
 
 struct Tls {
@@ -196,44 +103,10 @@ struct Tls {
 }
 
 fn tls() -> Tls {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "tollgate tunnel bench CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
-    let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = CertificateParams::new(vec![NAME.to_string()])
-        .expect("leaf params")
-        .signed_by(&leaf_key, &ca)
-        .expect("leaf");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-    let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)
-        .expect("server config");
-    // Clients never resume: tickets would be work thrown away.
-    server.send_tls13_tickets = 0;
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(ca.der().to_vec()))
-        .expect("root");
-    let mut client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.resumption = rustls::client::Resumption::disabled();
+    let pki = Pki::new("tollgate tunnel bench CA", &[NAME]);
     Tls {
-        server: Arc::new(server),
-        client: Arc::new(client),
+        server: pki.server(&[]),
+        client: client_config(&pki.ca, &[]),
     }
 }
 
@@ -252,7 +125,6 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, chunk: &[u8]) -> i
     s.shutdown().await
 }
 
-/// The origin's TLS and plain TCP listeners, served on the current runtime.
 /// The origin's TLS and plain TCP listeners on `ip`, served on the current
 /// runtime.
 async fn origin(server: Arc<rustls::ServerConfig>, ip: Ipv4Addr) -> (SocketAddr, SocketAddr) {
@@ -289,27 +161,6 @@ async fn origin(server: Arc<rustls::ServerConfig>, ip: Ipv4Addr) -> (SocketAddr,
 }
 
 // === proxy ===
-
-fn policy(v: serde_json::Value, floor: Floor) -> Arc<CompiledPolicy> {
-    let p = NetworkPolicy::from_json(&v, "network_policy")
-        .unwrap_or_else(|e| panic!("bench policy rejected: {e:?}"));
-    Arc::new(CompiledPolicy::new(&p, Arc::new(floor)))
-}
-
-/// Loopback: a listener whose connections all get original destination
-/// `dst` (`handle_with_dst`, no eBPF); returns its address.
-async fn loopback_listener(proxy: Arc<SandboxProxy>, dst: SocketAddr) -> SocketAddr {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("bind proxy");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((c, _)) = l.accept().await {
-            tokio::spawn(Arc::clone(&proxy).handle_with_dst(c, dst));
-        }
-    });
-    addr
-}
 
 /// Netns: an `IP_TRANSPARENT` listener served by [`SandboxProxy::serve`]
 /// (original destination = local address, as with eBPF steering); returns
@@ -379,17 +230,6 @@ struct Rig {
     events: Arc<Events>,
 }
 
-/// One measured run: wall seconds and CPU seconds spent meanwhile (the
-/// whole process, and each runtime's threads).
-#[derive(Clone, Copy, Debug)]
-struct Sample {
-    secs: f64,
-    process_cpu: f64,
-    client_cpu: f64,
-    origin_cpu: f64,
-    proxy_cpu: f64,
-}
-
 // === impl Topology ===
 
 impl Topology {
@@ -436,9 +276,9 @@ impl Relay {
 
 // === impl Path ===
 
-impl Path {
-    fn tag(self) -> String {
-        match self {
+impl Tag for Path {
+    fn tag(&self) -> String {
+        match *self {
             Self::Direct => "direct".into(),
             Self::Tunnel(r) => format!("tunnel/{}", r.tag()),
         }
@@ -458,36 +298,6 @@ impl Drop for Steering {
 }
 
 // === impl Rig ===
-
-/// A two-worker runtime whose threads are registered as `role`'s and, with
-/// `netns`, live in that network namespace (so do the sockets its tasks
-/// make).
-fn runtime(role: Role, threads: &Threads, netns: Option<String>) -> Runtime {
-    let t = threads.clone();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name(format!("tg-bench-{role:?}").to_lowercase())
-        .on_thread_start(move || {
-            if let Some(ns) = &netns {
-                let path = format!("/run/netns/{ns}");
-                let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-            }
-            t.register(role);
-        })
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// Runs `f` as a task of `rt` (on one of its threads, in its namespace).
-fn on<T: Send + 'static>(
-    rt: &Runtime,
-    f: impl std::future::Future<Output = T> + Send + 'static,
-) -> T {
-    rt.block_on(rt.spawn(f)).expect("setup task")
-}
 
 impl Rig {
     fn new(topology: Topology) -> Self {
@@ -628,28 +438,18 @@ impl Rig {
     where
         F: std::future::Future<Output = Result<Duration, BoxError>> + Send + 'static,
     {
-        let before = self.threads.snapshot();
-        let cpu0 = process_cpu();
+        let mark = self.threads.mark();
         let res = self
             .clients
             .block_on(self.clients.spawn(f))
             .unwrap_or_else(|e| Err(e.into()));
-        let process_cpu = process_cpu() - cpu0;
-        let secs = match res {
-            Ok(d) => d.as_secs_f64(),
+        match res {
+            Ok(d) => self.threads.sample(&mark, d.as_secs_f64()),
             Err(e) => panic!(
                 "{} {what}: {e}; {}",
                 self.topology.tag(),
                 self.events.describe()
             ),
-        };
-        let now = self.threads.snapshot();
-        Sample {
-            secs,
-            process_cpu,
-            client_cpu: Threads::since(&now, &before, Role::Client),
-            origin_cpu: Threads::since(&now, &before, Role::Origin),
-            proxy_cpu: Threads::since(&now, &before, Role::Proxy),
         }
     }
 
@@ -758,75 +558,6 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
 
 // === scenarios ===
 
-/// Samples of each of `paths` (the first is the baseline), interleaved
-/// over `rounds`: the order rotates every round so no path always runs
-/// first. Prints each round with every path's ratio to that round's
-/// baseline by `metric` (higher is better), and at the end the median of
-/// those paired ratios, a cross-check of the figures less exposed to
-/// background load that changes between rounds.
-fn interleaved(
-    notes: &mut Vec<String>,
-    rounds: usize,
-    label: &str,
-    paths: &[Path],
-    mut run: impl FnMut(Path) -> Sample,
-    metric: impl Fn(&Sample) -> f64,
-    show: impl Fn(&Sample) -> String,
-) -> HashMap<Path, Vec<Sample>> {
-    let mut out: HashMap<Path, Vec<Sample>> = HashMap::new();
-    let mut paired: HashMap<Path, Vec<f64>> = HashMap::new();
-    for r in 0..rounds {
-        let mut line = Vec::new();
-        for i in 0..paths.len() {
-            let p = paths[(r + i) % paths.len()];
-            let s = run(p);
-            line.push((paths.iter().position(|x| *x == p).unwrap_or(0), p, s));
-            out.entry(p).or_default().push(s);
-        }
-        line.sort_by_key(|(i, _, _)| *i);
-        let base = metric(&line[0].2);
-        let shown: Vec<String> = line
-            .iter()
-            .map(|(i, p, s)| {
-                if *i == 0 {
-                    format!("{} {}", p.tag(), show(s))
-                } else {
-                    let ratio = metric(s) / base;
-                    paired.entry(*p).or_default().push(ratio);
-                    format!("{} {} = {ratio:.3}x", p.tag(), show(s))
-                }
-            })
-            .collect();
-        eprintln!(
-            "tunnel: {label} round {}/{rounds}: {}",
-            r + 1,
-            shown.join("; ")
-        );
-    }
-    let medians: Vec<String> = paths
-        .iter()
-        .skip(1)
-        .filter_map(|p| {
-            Some(format!(
-                "{} {:.3}x",
-                p.tag(),
-                median(paired.get(p)?.clone())
-            ))
-        })
-        .collect();
-    let line = format!(
-        "{label}: median of per-round ratios: {}",
-        medians.join(", ")
-    );
-    eprintln!("tunnel: {line}");
-    notes.push(line);
-    out
-}
-
-fn med(xs: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {
-    median(xs.iter().map(f).collect())
-}
-
 fn bulk_figures(
     notes: &mut Vec<String>,
     rig: &Rig,
@@ -849,6 +580,7 @@ fn bulk_figures(
     let main = Relay::default_mode();
     let paths = [Path::Direct, Path::Tunnel(main), Path::Tunnel(main.other())];
     let runs = interleaved(
+        "tunnel",
         notes,
         rounds,
         &label,
@@ -926,6 +658,7 @@ fn connection_figures(
     let us = move |x: f64| x / n * 1e6;
     let main = Relay::default_mode();
     let runs = interleaved(
+        "tunnel",
         notes,
         rounds,
         &label,
@@ -995,12 +728,6 @@ fn scenarios(
     let events = rig.events.describe();
     eprintln!("tunnel: {} done; {events}", topology.tag());
     figures
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn main() {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+pub mod rig;
+
 /// One measured figure next to its baseline from the same run.
 #[derive(Clone, Debug)]
 pub struct Figure {
@@ -31,6 +33,8 @@ pub enum Target {
     MinRatio(f64),
     /// value must be at most this.
     MaxValue(f64),
+    /// value / baseline must be at most this (costs: lower is better).
+    MaxRatio(f64),
     /// No target: the figure is reported for information (it never misses).
     Report,
 }
@@ -46,6 +50,7 @@ impl Figure {
         match self.target {
             Target::MinRatio(t) => self.ratio().is_some_and(|r| r >= t),
             Target::MaxValue(t) => self.value <= t,
+            Target::MaxRatio(t) => self.ratio().is_some_and(|r| r <= t),
             Target::Report => true,
         }
     }
@@ -59,11 +64,12 @@ impl Figure {
         }
     }
 
-    /// The target as printed: `>= 0.9x`, `<= 5`, or `-`.
+    /// The target as printed: `>= 0.9x`, `<= 5`, `<= 1.5x`, or `-`.
     pub fn target_text(&self) -> String {
         match self.target {
             Target::MinRatio(t) => format!(">= {t}x"),
             Target::MaxValue(t) => format!("<= {t}"),
+            Target::MaxRatio(t) => format!("<= {t}x"),
             Target::Report => "-".to_string(),
         }
     }
