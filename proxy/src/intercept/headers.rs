@@ -40,6 +40,8 @@ pub struct Rewrite {
     strip: Vec<HeaderName>,
     inject: Vec<(HeaderName, HeaderValue)>,
     secrets: Vec<Vec<u8>>,
+    /// Built once; each response gets a cheap copy.
+    scrubber: Option<Scrubber>,
 }
 
 impl Rewrite {
@@ -78,10 +80,12 @@ impl Rewrite {
         secrets.extend(encoded);
         secrets.sort();
         secrets.dedup();
+        let scrubber = Scrubber::new(&secrets);
         Ok(Self {
             strip,
             inject,
             secrets,
+            scrubber,
         })
     }
 
@@ -127,7 +131,7 @@ impl Rewrite {
 
     /// A scrubber for response bodies, when something is injected.
     pub fn scrubber(&self) -> Option<Scrubber> {
-        Scrubber::new(&self.secrets)
+        self.scrubber.clone()
     }
 
     /// Whether this transform injects anything (whose value must then

@@ -12,6 +12,7 @@
 //! echoing a secret: residual risk, documented).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -22,7 +23,8 @@ use memchr::memmem::Finder;
 /// Finds and masks secrets in a byte stream.
 #[derive(Clone, Debug)]
 pub struct Scrubber {
-    finders: Vec<Finder<'static>>,
+    /// Shared by every response of a transform rule (built once).
+    finders: Arc<[Finder<'static>]>,
     keep: usize,
     carry: BytesMut,
     masked: usize,
@@ -35,7 +37,7 @@ impl Scrubber {
     /// A scrubber for `secrets` (empty ones are ignored); `None` when there
     /// is nothing to look for.
     pub fn new(secrets: &[Vec<u8>]) -> Option<Self> {
-        let finders: Vec<Finder<'static>> = secrets
+        let finders: Arc<[Finder<'static>]> = secrets
             .iter()
             .filter(|s| !s.is_empty())
             .map(|s| Finder::new(s).into_owned())
@@ -109,7 +111,7 @@ impl Scrubber {
     }
 
     fn mask(&mut self, buf: &mut [u8]) {
-        for f in &self.finders {
+        for f in self.finders.iter() {
             let n = f.needle().len();
             let mut from = 0;
             while let Some(i) = f.find(&buf[from..]) {

@@ -20,8 +20,10 @@
 //!    transform strips and injects; request trailers lose the stripped and
 //!    injected names. Bodies stream both ways.
 //! 4. Upstream: the NAME is dialled (floor and private answers refused as
-//!    for tunnels), TLS verified against the platform roots, ALPN h2 or
-//!    http/1.1, connections pooled per sandbox, name and port. A
+//!    for tunnels), TLS verified against the platform roots; the protocol
+//!    mirrors the sandbox's (HTTP/1.1 → HTTP/1.1; h2 → h2 when the upstream
+//!    offers it, by ALPN), connections pooled per sandbox, name, port and
+//!    protocol. A
 //!    certificate failure → `502` with `upstream_cert_*`; no request byte
 //!    was sent. Redirects are returned, never followed.
 //! 5. Response headers and trailers that carry an injected value (or its
@@ -394,9 +396,13 @@ impl Conn {
             authority,
             headers: parts.headers,
         };
+        // The upstream protocol mirrors the sandbox's: an HTTP/1.1 client
+        // gets HTTP/1.1 upstream (no multiplexing hop; its semantics kept
+        // end to end), an h2 client gets h2 where the upstream offers it.
         let key = Key {
             name: self.sni.clone(),
             port: self.handle.dst().port(),
+            http1_only: !self.h2,
         };
         let mut resp = if upgrade {
             let sender = self.connect(policy, true).await?;
@@ -444,7 +450,7 @@ impl Conn {
             let sender = match pooled {
                 Some(s) => s,
                 None => {
-                    let s = self.connect(policy, false).await?;
+                    let s = self.connect(policy, key.http1_only).await?;
                     if let Sender::H2(h) = &s {
                         pool.put_h2(key.clone(), h.clone());
                     }
@@ -458,7 +464,6 @@ impl Conn {
                     return s.send_request(req).await.map_err(ProxyError::UpstreamHttp);
                 }
                 Sender::H1(mut s) => {
-                    let keep = head.clone();
                     let req = head.build(body, false)?;
                     let sent = s.try_send_request(req).await;
                     match sent {
@@ -467,9 +472,9 @@ impl Conn {
                             return Ok(resp);
                         }
                         Err(mut e) => match e.take_message() {
-                            Some(req) if attempt == 0 => {
-                                pending = (keep, req.into_body());
-                            }
+                            // Not sent (the pooled connection closed
+                            // meanwhile): once more, on a new connection.
+                            Some(req) if attempt == 0 => pending = Head::unbuild(req),
                             _ => return Err(ProxyError::UpstreamHttp(e.into_error())),
                         },
                     }
@@ -649,7 +654,6 @@ fn upstream_tls_error(e: io::Error) -> ProxyError {
 }
 
 /// A request head ready to be built for either upstream protocol.
-#[derive(Clone)]
 struct Head {
     method: Method,
     path: PathAndQuery,
@@ -658,6 +662,28 @@ struct Head {
 }
 
 impl Head {
+    /// The head of a request built by [`Head::build`] for HTTP/1.1, back.
+    fn unbuild(req: Request<UpBody>) -> (Self, UpBody) {
+        let (mut parts, body) = req.into_parts();
+        let authority = parts
+            .headers
+            .remove(HOST)
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+            .unwrap_or_default();
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let head = Self {
+            method: parts.method,
+            path,
+            authority,
+            headers: parts.headers,
+        };
+        (head, body)
+    }
+
     /// HTTP/2: absolute URI, no Host. HTTP/1.1: origin form plus Host.
     fn build(self, body: UpBody, h2: bool) -> Result<Request<UpBody>, ProxyError> {
         let mut req = Request::new(body);

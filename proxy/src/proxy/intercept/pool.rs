@@ -29,6 +29,9 @@ pub(crate) struct Key {
     pub(crate) name: String,
     /// The original destination port.
     pub(crate) port: u16,
+    /// Connections that offered only HTTP/1.1 (for sandboxes speaking
+    /// HTTP/1.1) are kept apart from those that offered h2.
+    pub(crate) http1_only: bool,
 }
 
 /// A connection ready for a request.

@@ -361,16 +361,19 @@ async fn upstream_connections_are_pooled_across_sandbox_connections() {
         }
     }
     assert_eq!(s.origin.seen.lock().unwrap().len(), 12);
-    // The upstream offers h2: one multiplexed connection serves every
-    // request, whichever protocol the sandbox spoke.
-    assert_eq!(s.upstream.accepted(), 1);
-    assert!(s
-        .origin
-        .versions
-        .lock()
-        .unwrap()
-        .iter()
-        .all(|v| *v == ::http::Version::HTTP_2));
+    // The upstream protocol mirrors the sandbox's: one multiplexed h2
+    // connection for both h2 clients, one kept-alive HTTP/1.1 connection for
+    // both HTTP/1.1 clients.
+    assert_eq!(s.upstream.accepted(), 2);
+    let versions = s.origin.versions.lock().unwrap().clone();
+    assert!(
+        versions[..6].iter().all(|v| *v == ::http::Version::HTTP_2),
+        "{versions:?}"
+    );
+    assert!(
+        versions[6..].iter().all(|v| *v == ::http::Version::HTTP_11),
+        "{versions:?}"
+    );
 }
 
 #[tokio::test]
