@@ -512,7 +512,10 @@ fn an_echoed_secret_never_reaches_the_sandbox() {
     // reaches the sandbox with the value masked.
     let body = w.ok(&id, "curl -sS https://api.test/echo");
     assert!(body.contains("authorization"), "{body}");
-    assert!(!body.contains(SECRET_KEY), "secret in a response body: {body}");
+    assert!(
+        !body.contains(SECRET_KEY),
+        "secret in a response body: {body}"
+    );
     // Events, the daemon's log and the API never carry the value either.
     let evs = serde_json::to_string(&w.events(&id)).expect("json");
     assert!(!evs.contains(SECRET_KEY));
