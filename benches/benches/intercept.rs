@@ -80,7 +80,9 @@ use tollgate_benches::rig::{
     client_config, interleaved, loadavg, loopback_listener, med, on, policy, runtime, BoxError,
     CpuMark, Events, Pki, Role, Sample, Tag, Threads,
 };
-use tollgate_benches::{median, print_summary, quick, rounds, write_report, Figure, Target};
+use tollgate_benches::{
+    median, percentile, print_summary, quick, rounds, write_report, Figure, Target,
+};
 use tollgate_proxy::intercept::{Interception, LeafCache, Rewrite, SandboxCa, UpstreamTrust};
 use tollgate_proxy::policy::{Floor, Transform};
 use tollgate_proxy::proxy::{ProxyConfig, ProxyEvents, SandboxProxy, StaticResolver};
@@ -638,6 +640,45 @@ impl Rig {
         })
     }
 
+    /// Small requests on one keep-alive connection, paced at `rate` per
+    /// second for `dur` (a request late by more than one interval starts at
+    /// once); each request's latency in µs into `out`.
+    fn latency(
+        &self,
+        path: Path,
+        http: Http,
+        rate: u32,
+        dur: Duration,
+        out: Arc<Mutex<Vec<f64>>>,
+    ) -> Run {
+        let (to, cfg) = self.way(path, http);
+        let meter = self.meter.clone();
+        self.measure(path, &format!("{} latency", http.tag()), async move {
+            let mut c = Client::connect(to, cfg, http).await?;
+            c.get("/small").await?;
+            let window = meter.open();
+            let interval = Duration::from_secs(1) / rate;
+            let start = Instant::now();
+            let mut next = start;
+            let mut lat = Vec::new();
+            while start.elapsed() < dur {
+                tokio::time::sleep_until(next.into()).await;
+                let t0 = Instant::now();
+                let got = tokio::time::timeout(OP_BOUND, c.get("/small"))
+                    .await
+                    .map_err(|_| format!("a request took over {OP_BOUND:?}"))??;
+                if got != SMALL {
+                    return Err(format!("received {got} of {SMALL} bytes").into());
+                }
+                lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                next = (next + interval).max(Instant::now());
+            }
+            let n = lat.len() as u64;
+            out.lock().expect("latencies").extend(lat);
+            Ok(window.close(n, n))
+        })
+    }
+
     /// New connections (one small HTTP/1.1 request each) for `dur`.
     fn connections(&self, path: Path, dur: Duration) -> Run {
         let (to, cfg) = self.way(path, Http::H1);
@@ -676,6 +717,9 @@ impl Rig {
 }
 
 // === scenarios ===
+
+/// Request rate of the latency scenario (moderate: far below saturation).
+const LATENCY_RATE: u32 = 500;
 
 const PATHS: [Path; 2] = [Path::Direct, Path::Intercept];
 
@@ -743,6 +787,55 @@ fn request_figures(
             target: Target::Report,
         },
     ]
+}
+
+/// (e) Added latency at a fixed moderate rate: p50 / p99 through
+/// interception minus direct, samples pooled over interleaved rounds.
+fn latency_figures(rig: &Rig, http: Http, dur: Duration, rounds: usize) -> Vec<Figure> {
+    let h = http.tag();
+    eprintln!(
+        "{BENCH}: loopback {h} latency at {LATENCY_RATE} req/s, one connection, {:.1} s per run, direct vs intercept ({rounds} rounds) ...",
+        dur.as_secs_f64()
+    );
+    let direct = Arc::new(Mutex::new(Vec::new()));
+    let icpt = Arc::new(Mutex::new(Vec::new()));
+    for round in 0..rounds {
+        for p in PATHS {
+            let out = match p {
+                Path::Direct => Arc::clone(&direct),
+                Path::Intercept => Arc::clone(&icpt),
+            };
+            let r = rig.latency(p, http, LATENCY_RATE, dur, out);
+            eprintln!(
+                "{BENCH}:   round {}/{rounds} {}: {} requests",
+                round + 1,
+                p.tag(),
+                r.requests
+            );
+        }
+    }
+    let direct = direct.lock().expect("latencies").clone();
+    let icpt = icpt.lock().expect("latencies").clone();
+    let pct = |xs: &[f64], q: f64| percentile(xs.to_vec(), q) / 1000.0;
+    let mut out = Vec::new();
+    for (q, target) in [(50.0, Target::Report), (99.0, Target::MaxValue(1.0))] {
+        let (a, b) = (pct(&icpt, q), pct(&direct, q));
+        out.push(Figure {
+            name: format!("loopback_intercept_{h}_latency_p{q}_at_{LATENCY_RATE}rps"),
+            value: a,
+            baseline: Some(b),
+            unit: "ms",
+            target: Target::Report,
+        });
+        out.push(Figure {
+            name: format!("loopback_intercept_{h}_added_latency_p{q}_at_{LATENCY_RATE}rps"),
+            value: a - b,
+            baseline: None,
+            unit: "ms",
+            target,
+        });
+    }
+    out
 }
 
 fn connection_figures(
@@ -1078,6 +1171,11 @@ fn main() {
         figures.extend(connection_figures(&mut notes, &rig, dur, rounds));
     }
     for http in [Http::H1, Http::H2] {
+        if run(&format!("{}_latency", http.tag())) {
+            figures.extend(latency_figures(&rig, http, dur, rounds));
+        }
+    }
+    for http in [Http::H1, Http::H2] {
         if run(&format!("{}_bulk", http.tag())) {
             figures.extend(bulk_figures(&mut notes, &rig, http, bytes, rounds));
         }
@@ -1101,7 +1199,8 @@ fn main() {
             dur.as_secs_f64()
         ),
         format!("bulk: one {} MiB response per run", bytes >> 20),
-        "proxy upstream: one pooled, verified connection, HTTP/2 (the origin offers h2), whatever the client speaks".to_string(),
+        "proxy upstream: pooled, verified connections in the client's protocol (HTTP/1.1 clients: HTTP/1.1; h2 clients: one multiplexed h2 connection)".to_string(),
+        format!("latency: one keep-alive connection paced at {LATENCY_RATE} req/s; added = intercept - direct (issue 6 (e): p99 <= 1 ms)"),
         "CPU: (direct: origin's) figures compare the proxy's threads in intercepted runs with the origin's threads in direct runs (issue 6 (f): <= 1.5x)".to_string(),
         "loopback: client, proxy (handle_with_dst) and origin on 127.0.0.1 in one namespace; netns_ebpf: not measured here (see the tunnel bench)".to_string(),
         format!("CPUs: {cpus}; load average at start {load0}, at end {}", loadavg()),
