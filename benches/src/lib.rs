@@ -164,10 +164,109 @@ pub fn write_report(bench: &str, title: &str, figures: &[Figure], notes: &[Strin
     match written {
         Ok(()) => println!(
             "report: {}/{bench}.json and {bench}.md",
-            dir.canonicalize().unwrap_or(dir).display()
+            dir.canonicalize().unwrap_or_else(|_| dir.clone()).display()
         ),
         Err(e) => eprintln!("report: could not write under {}: {e}", dir.display()),
     }
+    write_summary(&dir);
+}
+
+/// Reports older than this are not from the current `cargo bench` run and
+/// are left out of the summary.
+const SUMMARY_WINDOW_SECS: u64 = 30 * 60;
+
+/// Rebuilds `summary.json` / `summary.md` from every bench report written
+/// in the last [`SUMMARY_WINDOW_SECS`] and prints the figures that have a
+/// target, with their marks: the last bench of a `cargo bench` run prints
+/// the summary of the whole run.
+pub fn write_summary(dir: &Path) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut reports: Vec<serde_json::Value> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_stem().is_some_and(|s| s != "summary")
+        })
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(|r| now.saturating_sub(r["unix_time"].as_u64().unwrap_or(0)) <= SUMMARY_WINDOW_SECS)
+        .collect();
+    reports.sort_by_key(|r| r["bench"].as_str().unwrap_or("").to_string());
+    let mut md = String::from(
+        "# tollgate benchmark summary\n\nEvery figure with a target, from the bench reports of this run (ratios against direct in the same run).\n\n| bench | figure | unit | tollgate | direct | ratio | target | result |\n|---|---|---|---:|---:|---:|---|---|\n",
+    );
+    let (mut pass, mut miss) = (0, 0);
+    let mut lines = Vec::new();
+    for r in &reports {
+        let bench = r["bench"].as_str().unwrap_or("?");
+        for f in r["figures"].as_array().into_iter().flatten() {
+            let result = f["result"].as_str().unwrap_or("");
+            if result == "info" {
+                continue;
+            }
+            if result == "PASS" {
+                pass += 1;
+            } else {
+                miss += 1;
+            }
+            let num =
+                |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+            let ratio = f["ratio"]
+                .as_f64()
+                .map_or("-".to_string(), |x| format!("{x:.3}x"));
+            let target = f["target"].as_str().unwrap_or("-");
+            md.push_str(&format!(
+                "| {bench} | {} | {} | {} | {} | {ratio} | {} | {result} |\n",
+                f["name"].as_str().unwrap_or("?"),
+                f["unit"].as_str().unwrap_or(""),
+                num(&f["value"]),
+                num(&f["baseline"]),
+                target.replace('<', "&lt;").replace('>', "&gt;"),
+            ));
+            lines.push(format!(
+                "{result:>4}  {bench:<9} {:<70} {:>12} vs {:>12}  {ratio:>8}  target {target}",
+                f["name"].as_str().unwrap_or("?"),
+                num(&f["value"]),
+                num(&f["baseline"]),
+            ));
+        }
+    }
+    let benches: Vec<&str> = reports.iter().filter_map(|r| r["bench"].as_str()).collect();
+    let summary = serde_json::json!({
+        "unix_time": now,
+        "benches": benches,
+        "pass": pass,
+        "miss": miss,
+        "reports": reports,
+    });
+    md.push_str(&format!(
+        "\n{pass} pass, {miss} miss ({}).\n",
+        benches.join(", ")
+    ));
+    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    if std::fs::write(dir.join("summary.json"), text + "\n").is_err()
+        || std::fs::write(dir.join("summary.md"), &md).is_err()
+    {
+        eprintln!("summary: could not write under {}", dir.display());
+        return;
+    }
+    println!(
+        "\n== summary of this run so far ({}) ==",
+        benches.join(", ")
+    );
+    for l in &lines {
+        println!("{l}");
+    }
+    println!(
+        "{pass} pass, {miss} miss; {}/summary.md and summary.json",
+        dir.display()
+    );
 }
 
 /// `TOLLGATE_BENCH_QUICK=1`: a shorter run.

@@ -416,7 +416,7 @@ impl<R: Runtime> Service<R> {
                 inner.sandboxes.remove(&record.id);
                 inner.slots.remove(&record.slot);
                 self.store.delete_sandbox(&record.id)?;
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -511,7 +511,7 @@ impl<R: Runtime> Service<R> {
                     r.status_reason = Some(format!("deletion failed: {e}"));
                     self.store.put_sandbox(r)?;
                 }
-                return Err(e.into());
+                return Err(e);
             }
         }
         let mut inner = self.lock();

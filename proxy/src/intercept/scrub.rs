@@ -66,6 +66,43 @@ impl Scrubber {
         buf.freeze()
     }
 
+    /// Feeds `data` as [`Scrubber::push`] does, without copying it when
+    /// nothing is held back and no secret is in it.
+    pub fn push_bytes(&mut self, mut data: Bytes) -> Bytes {
+        if !self.clean_start(&data) {
+            return self.push(&data);
+        }
+        if data.len() <= self.keep {
+            self.carry.extend_from_slice(&data);
+            return Bytes::new();
+        }
+        let tail = data.split_off(data.len() - self.keep);
+        self.carry.extend_from_slice(&tail);
+        data
+    }
+
+    /// Feeds the last `data` of the stream: what [`Scrubber::push`] and then
+    /// [`Scrubber::finish`] would pass on, at once (and without copying
+    /// when nothing is held back and no secret is in it).
+    pub fn push_last(&mut self, data: Bytes) -> Bytes {
+        if self.clean_start(&data) {
+            return data;
+        }
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(&data);
+        self.mask_continuations(&mut buf);
+        self.mask(&mut buf);
+        buf.freeze()
+    }
+
+    /// Whether `data` would pass unchanged: nothing held back, no secret
+    /// begun before, none in it.
+    fn clean_start(&self, data: &[u8]) -> bool {
+        self.carry.is_empty()
+            && self.partial.is_empty()
+            && self.finders.iter().all(|f| f.find(data).is_none())
+    }
+
     /// The held-back tail, at the end of the stream.
     pub fn finish(&mut self) -> Bytes {
         let mut buf = std::mem::take(&mut self.carry);
@@ -176,7 +213,13 @@ where
             match ready!(polled) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        let out = this.scrub.push(&data);
+                        let out = if this.inner.is_end_stream() {
+                            // The last frame: nothing to hold back for.
+                            this.done = true;
+                            this.scrub.push_last(data)
+                        } else {
+                            this.scrub.push_bytes(data)
+                        };
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
@@ -270,6 +313,74 @@ mod tests {
         let mut out = s.push(b"ping").to_vec();
         out.extend_from_slice(&s.flush());
         assert_eq!(out, b"ping");
+    }
+
+    #[test]
+    fn owned_pushes_pass_the_same_bytes_as_copied_ones() {
+        let secrets = vec![b"sk-secret".to_vec(), b"c2stc2VjcmV0".to_vec()];
+        let body = "aa sk-secret bb c2stc2VjcmV0 cc sk-secre";
+        for size in 1..=body.len() {
+            let chunks: Vec<&[u8]> = body.as_bytes().chunks(size).collect();
+            let mut copied = Scrubber::new(&secrets).unwrap();
+            let mut want = Vec::new();
+            for c in &chunks {
+                want.extend_from_slice(&copied.push(c));
+            }
+            want.extend_from_slice(&copied.finish());
+            // push_bytes, then finish.
+            let mut owned = Scrubber::new(&secrets).unwrap();
+            let mut got = Vec::new();
+            for c in &chunks {
+                got.extend_from_slice(&owned.push_bytes(Bytes::copy_from_slice(c)));
+            }
+            got.extend_from_slice(&owned.finish());
+            assert_eq!(got, want, "chunk size {size}");
+            assert_eq!(owned.masked(), copied.masked());
+            // push_bytes, the last chunk through push_last.
+            let mut owned = Scrubber::new(&secrets).unwrap();
+            let mut got = Vec::new();
+            let (last, rest) = chunks.split_last().unwrap();
+            for c in rest {
+                got.extend_from_slice(&owned.push_bytes(Bytes::copy_from_slice(c)));
+            }
+            got.extend_from_slice(&owned.push_last(Bytes::copy_from_slice(last)));
+            assert!(!owned.holding());
+            assert_eq!(got, want, "chunk size {size}, last at once");
+            assert_eq!(owned.masked(), copied.masked());
+        }
+        assert_eq!(
+            String::from_utf8(
+                Scrubber::new(&secrets)
+                    .unwrap()
+                    .push_last(Bytes::from(body))
+                    .to_vec()
+            )
+            .unwrap(),
+            "aa ********* bb ************ cc sk-secre"
+        );
+    }
+
+    #[test]
+    fn a_clean_last_frame_passes_without_a_copy() {
+        let secrets = vec![b"sk-secret".to_vec()];
+        let mut s = Scrubber::new(&secrets).unwrap();
+        let data = Bytes::from_static(b"nothing to see here, nothing at all");
+        let out = s.push_last(data.clone());
+        assert_eq!(out.as_ptr(), data.as_ptr());
+        assert_eq!(out, data);
+    }
+
+    #[tokio::test]
+    async fn a_body_ends_with_its_last_frame_unsplit() {
+        use http_body_util::{BodyExt, Full};
+        let secrets = vec![b"sk-secret".to_vec()];
+        let scrub = Scrubber::new(&secrets).unwrap();
+        let inner = Full::new(Bytes::from_static(b"{\"key\": \"sk-secret\", \"n\": 1}"));
+        let mut body = ScrubBody::new(inner, scrub, |_: &mut HeaderMap| {});
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"{\"key\": \"*********\", \"n\": 1}");
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
     }
 
     #[test]

@@ -39,7 +39,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{
@@ -50,6 +50,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
@@ -78,6 +79,11 @@ pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
 const MAX_STREAMS: u32 = 100;
 /// Bound on completing both sides of a WebSocket upgrade after the 101.
 const UPGRADE_WAIT: Duration = Duration::from_secs(10);
+/// How long a request waits for its connection's own HTTP/1.1 upstream
+/// connection to finish the previous exchange (it normally has: the
+/// response was read to its end) before it goes back to the shared pool
+/// and another connection is used.
+const LOCAL_READY_WAIT: Duration = Duration::from_millis(50);
 
 /// One intercepted downstream connection.
 struct Conn {
@@ -91,6 +97,31 @@ struct Conn {
     activity: Arc<Activity>,
     /// The last transform compiled, reused while the policy keeps it.
     rewrite: Mutex<Option<(Arc<Transform>, Arc<Rewrite>)>>,
+    /// Where this connection's requests go upstream in the pool.
+    key: Key,
+    /// The upstream authority without and with the port (built once;
+    /// `None` if the SNI cannot be one, when no request can name it).
+    authorities: Option<(UpAuthority, UpAuthority)>,
+    /// HTTP/1.1: the upstream connection this connection's last request
+    /// used, kept for its next one (and when it was last used); it returns
+    /// to the shared pool when this connection ends.
+    up_h1: Mutex<Option<(http1::SendRequest<UpBody>, Instant)>>,
+}
+
+/// An upstream authority, as the `:authority` of an HTTP/2 request and as
+/// the `Host` of an HTTP/1.1 one.
+#[derive(Clone)]
+struct UpAuthority {
+    uri: Authority,
+    host: HeaderValue,
+}
+
+impl UpAuthority {
+    fn new(s: String) -> Option<Self> {
+        let host = HeaderValue::from_str(&s).ok()?;
+        let uri = Authority::from_maybe_shared(Bytes::from(s)).ok()?;
+        Some(Self { uri, host })
+    }
 }
 
 /// What the authority of a request says.
@@ -164,6 +195,13 @@ pub(super) async fn serve(
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let cfg = proxy.cfg.clone();
+    let authorities =
+        UpAuthority::new(sni.clone()).zip(UpAuthority::new(format!("{sni}:{}", dst.port())));
+    let key = Key {
+        name: sni.clone(),
+        port: dst.port(),
+        http1_only: !h2,
+    };
     let ctx = Arc::new(Conn {
         proxy,
         ic,
@@ -172,6 +210,9 @@ pub(super) async fn serve(
         h2,
         activity: Arc::clone(&activity),
         rewrite: Mutex::new(None),
+        key,
+        authorities,
+        up_h1: Mutex::new(None),
     });
     let svc_ctx = Arc::clone(&ctx);
     let svc = hyper::service::service_fn(move |req| {
@@ -208,6 +249,7 @@ pub(super) async fn serve(
         _ = ctx.handle.closed() => {}
         () = activity.idle_for(cfg.idle_timeout) => {}
     }
+    ctx.release_upstream();
 }
 
 /// Lower case, no trailing dot.
@@ -259,10 +301,7 @@ impl Conn {
             Verdict::Deny(r) => return self.refuse(ProxyError::Denied(r)),
             Verdict::Allow => return self.refuse(ProxyError::Internal("allow_verdict_for_tcp")),
         };
-        match self
-            .forward(req, &target, upgrade, rewrite.as_deref(), &policy)
-            .await
-        {
+        match self.forward(req, &target, upgrade, rewrite, &policy).await {
             Ok(resp) => resp,
             Err(e) => self.refuse(e),
         }
@@ -332,7 +371,7 @@ impl Conn {
         mut req: Request<Incoming>,
         target: &Target,
         upgrade: bool,
-        rewrite: Option<&Rewrite>,
+        rewrite: Option<Arc<Rewrite>>,
         policy: &CompiledPolicy,
     ) -> Result<Response<Body>, ProxyError> {
         let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -343,14 +382,18 @@ impl Conn {
                     .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
             })
         });
-        let upgrade_value = parts.headers.get(UPGRADE).cloned();
+        let upgrade_value = if upgrade {
+            parts.headers.get(UPGRADE).cloned()
+        } else {
+            None
+        };
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
         // The proxy sends the body as soon as the upstream is ready; the
         // sandbox's client got its `100 Continue` from hyper when the body
         // was first polled.
         parts.headers.remove(EXPECT);
-        if let Some(rw) = rewrite {
+        if let Some(rw) = &rewrite {
             rw.apply(&mut parts.headers);
             if rw.has_secrets() {
                 // Responses must stay scannable for echoed secrets.
@@ -364,31 +407,37 @@ impl Conn {
                 .headers
                 .insert(TE, HeaderValue::from_static("trailers"));
         }
-        if upgrade {
-            if let Some(v) = upgrade_value {
-                parts
-                    .headers
-                    .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-                parts.headers.insert(UPGRADE, v);
-            }
+        if let Some(v) = upgrade_value {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, v);
         }
-        let trailer_rw = rewrite.cloned();
-        let body: UpBody = body
-            .map_frame(move |mut f| {
-                if let (Some(rw), Some(t)) = (&trailer_rw, f.trailers_mut()) {
-                    rw.apply_trailers(t);
-                }
-                f
-            })
-            .boxed();
+        let body: UpBody = match rewrite.clone() {
+            Some(rw) => body
+                .map_frame(move |mut f| {
+                    if let Some(t) = f.trailers_mut() {
+                        rw.apply_trailers(t);
+                    }
+                    f
+                })
+                .boxed(),
+            None => body.boxed(),
+        };
         let path = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let authority = match target.port {
-            Some(p) => format!("{}:{p}", self.sni),
-            None => self.sni.clone(),
+        let authority = match (&self.authorities, target.port) {
+            (Some((_, a)), Some(_)) | (Some((a, _)), None) => a.clone(),
+            (None, _) => {
+                return Err(ProxyError::BadRequest(if self.h2 {
+                    "invalid_target"
+                } else {
+                    "invalid_host"
+                }))
+            }
         };
         let head = Head {
             method: parts.method,
@@ -399,11 +448,6 @@ impl Conn {
         // The upstream protocol mirrors the sandbox's: an HTTP/1.1 client
         // gets HTTP/1.1 upstream (no multiplexing hop; its semantics kept
         // end to end), an h2 client gets h2 where the upstream offers it.
-        let key = Key {
-            name: self.sni.clone(),
-            port: self.handle.dst().port(),
-            http1_only: !self.h2,
-        };
         let mut resp = if upgrade {
             let sender = self.connect(policy, true).await?;
             let Sender::H1(mut s) = sender else {
@@ -413,8 +457,9 @@ impl Conn {
                 .await
                 .map_err(ProxyError::UpstreamHttp)?
         } else {
-            self.send_pooled(&key, head, body, policy).await?
+            self.send_pooled(head, body, policy).await?
         };
+        let rewrite = rewrite.as_ref();
         if let Some(down) = down_upgrade {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let up = hyper::upgrade::on(&mut resp);
@@ -429,25 +474,29 @@ impl Conn {
         Ok(self.relayed(resp, rewrite))
     }
 
-    /// Sends over a pooled connection (or a new one). A request a pooled
-    /// connection could not take (it closed meanwhile) is retried once on
-    /// a fresh connection; its body was not touched.
+    /// Sends over this connection's own HTTP/1.1 upstream connection, a
+    /// pooled one, or a new one. A request a reused connection could not
+    /// take (it closed meanwhile) is retried once on a fresh connection;
+    /// its body was not touched.
     async fn send_pooled(
         self: &Arc<Self>,
-        key: &Key,
         head: Head,
         body: UpBody,
         policy: &CompiledPolicy,
     ) -> Result<Response<Incoming>, ProxyError> {
         let pool = self.proxy.pool();
+        let key = &self.key;
         let mut pending = (head, body);
         for attempt in 0..2 {
-            let pooled = if attempt == 0 {
-                pool.checkout(key).await
+            let reused = if attempt == 0 {
+                match self.local_h1().await {
+                    Some(s) => Some(Sender::H1(s)),
+                    None => pool.checkout(key).await,
+                }
             } else {
                 None
             };
-            let sender = match pooled {
+            let sender = match reused {
                 Some(s) => s,
                 None => {
                     let s = self.connect(policy, key.http1_only).await?;
@@ -464,17 +513,24 @@ impl Conn {
                     return s.send_request(req).await.map_err(ProxyError::UpstreamHttp);
                 }
                 Sender::H1(mut s) => {
+                    let authority = head.authority.clone();
                     let req = head.build(body, false)?;
                     let sent = s.try_send_request(req).await;
                     match sent {
                         Ok(resp) => {
-                            pool.checkin_h1_when_ready(key.clone(), s);
+                            if self.h2 {
+                                // Concurrent streams: the connection goes
+                                // back to the shared pool.
+                                pool.checkin_h1_when_ready(key.clone(), s, Instant::now());
+                            } else {
+                                self.keep_h1(s);
+                            }
                             return Ok(resp);
                         }
                         Err(mut e) => match e.take_message() {
-                            // Not sent (the pooled connection closed
+                            // Not sent (the reused connection closed
                             // meanwhile): once more, on a new connection.
-                            Some(req) if attempt == 0 => pending = Head::unbuild(req),
+                            Some(req) if attempt == 0 => pending = Head::unbuild(req, authority),
                             _ => return Err(ProxyError::UpstreamHttp(e.into_error())),
                         },
                     }
@@ -482,6 +538,57 @@ impl Conn {
             }
         }
         Err(ProxyError::Internal("upstream_retry_exhausted"))
+    }
+
+    /// This connection's own HTTP/1.1 upstream connection, once it is ready
+    /// for another request. One that does not become ready soon goes back
+    /// to the shared pool (which takes it when it is).
+    async fn local_h1(&self) -> Option<http1::SendRequest<UpBody>> {
+        let (mut s, since) = self.lock_up_h1().take()?;
+        if s.is_closed() || since.elapsed() >= pool::IDLE_H1_FOR {
+            return None;
+        }
+        if s.is_ready() {
+            return Some(s);
+        }
+        match tokio::time::timeout(LOCAL_READY_WAIT, s.ready()).await {
+            Ok(Ok(())) => Some(s),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                self.proxy
+                    .pool()
+                    .checkin_h1_when_ready(self.key.clone(), s, since);
+                None
+            }
+        }
+    }
+
+    /// Keeps the HTTP/1.1 upstream connection a request went out on for
+    /// this connection's next request.
+    fn keep_h1(&self, s: http1::SendRequest<UpBody>) {
+        let old = self.lock_up_h1().replace((s, Instant::now()));
+        if let Some((s, since)) = old {
+            self.proxy
+                .pool()
+                .checkin_h1_when_ready(self.key.clone(), s, since);
+        }
+    }
+
+    /// The connection ended: its HTTP/1.1 upstream connection goes to the
+    /// shared pool.
+    fn release_upstream(&self) {
+        let kept = self.lock_up_h1().take();
+        if let Some((s, since)) = kept {
+            self.proxy
+                .pool()
+                .checkin_h1_when_ready(self.key.clone(), s, since);
+        }
+    }
+
+    fn lock_up_h1(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(http1::SendRequest<UpBody>, Instant)>> {
+        self.up_h1.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Dials the SNI's own addresses, verifies its certificate, and starts
@@ -549,7 +656,7 @@ impl Conn {
     /// An upstream response as the sandbox gets it: hop-by-hop headers
     /// removed, injected values redacted from headers and trailers and
     /// masked in the body, body streamed.
-    fn relayed(&self, resp: Response<Incoming>, rewrite: Option<&Rewrite>) -> Response<Body> {
+    fn relayed(&self, resp: Response<Incoming>, rewrite: Option<&Arc<Rewrite>>) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.version = if self.h2 {
@@ -562,7 +669,7 @@ impl Conn {
             return Response::from_parts(parts, body.boxed());
         };
         let redacted = rw.redact(&mut parts.headers);
-        let trailer_rw = rw.clone();
+        let trailer_rw = Arc::clone(rw);
         let redact_trailers = move |t: &mut http::HeaderMap| {
             trailer_rw.redact(t);
         };
@@ -657,19 +764,16 @@ fn upstream_tls_error(e: io::Error) -> ProxyError {
 struct Head {
     method: Method,
     path: PathAndQuery,
-    authority: String,
+    authority: UpAuthority,
     headers: http::HeaderMap,
 }
 
 impl Head {
-    /// The head of a request built by [`Head::build`] for HTTP/1.1, back.
-    fn unbuild(req: Request<UpBody>) -> (Self, UpBody) {
+    /// The head of a request built by [`Head::build`] for HTTP/1.1 with
+    /// `authority`, back.
+    fn unbuild(req: Request<UpBody>, authority: UpAuthority) -> (Self, UpBody) {
         let (mut parts, body) = req.into_parts();
-        let authority = parts
-            .headers
-            .remove(HOST)
-            .and_then(|v| v.to_str().ok().map(str::to_string))
-            .unwrap_or_default();
+        parts.headers.remove(HOST);
         let path = parts
             .uri
             .path_and_query()
@@ -690,19 +794,17 @@ impl Head {
         *req.method_mut() = self.method;
         *req.headers_mut() = self.headers;
         if h2 {
-            *req.uri_mut() = Uri::builder()
-                .scheme(Scheme::HTTPS)
-                .authority(self.authority.as_str())
-                .path_and_query(self.path)
-                .build()
-                .map_err(|_| ProxyError::BadRequest("invalid_target"))?;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTPS);
+            uri.authority = Some(self.authority.uri);
+            uri.path_and_query = Some(self.path);
+            *req.uri_mut() =
+                Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("invalid_target"))?;
             *req.version_mut() = Version::HTTP_2;
         } else {
             *req.uri_mut() = Uri::from(self.path);
             *req.version_mut() = Version::HTTP_11;
-            let host = HeaderValue::from_str(&self.authority)
-                .map_err(|_| ProxyError::BadRequest("invalid_host"))?;
-            req.headers_mut().insert(HOST, host);
+            req.headers_mut().insert(HOST, self.authority.host);
         }
         Ok(req)
     }

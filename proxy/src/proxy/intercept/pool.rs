@@ -17,7 +17,7 @@ use super::UpBody;
 const MAX_IDLE_H1: usize = 64;
 /// An idle HTTP/1.1 connection older than this is not reused (upstreams
 /// commonly close idle keep-alive connections after 60 s or more).
-const IDLE_H1_FOR: Duration = Duration::from_secs(50);
+pub(super) const IDLE_H1_FOR: Duration = Duration::from_secs(50);
 /// How long a request waits for the shared HTTP/2 connection to accept a
 /// new stream before another connection is opened.
 const H2_READY_WAIT: Duration = Duration::from_millis(200);
@@ -51,8 +51,14 @@ struct Inner {
     h2: HashMap<Key, http2::SendRequest<UpBody>>,
     h1: HashMap<Key, Vec<(http1::SendRequest<UpBody>, Instant)>>,
     tasks: Vec<AbortHandle>,
+    /// `tasks` is pruned of finished tasks when it grows to this length
+    /// (amortised: not on every spawn).
+    prune_at: usize,
     closed: bool,
 }
+
+/// Length of the task list below which it is never pruned.
+const PRUNE_FLOOR: usize = 64;
 
 impl Pool {
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -100,27 +106,41 @@ impl Pool {
     }
 
     /// Returns an HTTP/1.1 connection to the pool once its response has
-    /// been read to the end (it is dropped if that fails).
+    /// been read to the end (it is dropped if that fails). `since` is when
+    /// it was last used.
     pub(crate) fn checkin_h1_when_ready(
         self: &Arc<Self>,
         key: Key,
         mut sender: http1::SendRequest<UpBody>,
+        since: Instant,
     ) {
+        if sender.is_closed() || since.elapsed() >= IDLE_H1_FOR {
+            return;
+        }
+        if sender.is_ready() {
+            self.put_h1(key, sender, since);
+            return;
+        }
         let pool = Arc::clone(self);
         self.spawn(async move {
             if sender.ready().await.is_err() {
                 return;
             }
-            let mut inner = pool.lock();
-            if inner.closed {
-                return;
-            }
-            let idle = inner.h1.entry(key).or_default();
-            idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_H1_FOR);
-            if idle.len() < MAX_IDLE_H1 {
-                idle.push((sender, Instant::now()));
-            }
+            pool.put_h1(key, sender, since);
         });
+    }
+
+    /// Pools an idle HTTP/1.1 connection last used at `since`.
+    fn put_h1(&self, key: Key, sender: http1::SendRequest<UpBody>, since: Instant) {
+        let mut inner = self.lock();
+        if inner.closed {
+            return;
+        }
+        let idle = inner.h1.entry(key).or_default();
+        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_H1_FOR);
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push((sender, since));
+        }
     }
 
     /// Runs `fut` (a connection driver) until it ends or the pool closes.
@@ -130,7 +150,10 @@ impl Pool {
             return;
         }
         let task = tokio::spawn(fut);
-        inner.tasks.retain(|t| !t.is_finished());
+        if inner.tasks.len() >= inner.prune_at {
+            inner.tasks.retain(|t| !t.is_finished());
+            inner.prune_at = (inner.tasks.len() * 2).max(PRUNE_FLOOR);
+        }
         inner.tasks.push(task.abort_handle());
     }
 
