@@ -46,19 +46,23 @@ fn check_rejects_configs_that_cannot_work() {
         api_keys: vec![key.into()],
         max_sandboxes: 3,
     };
-    let mut c = Config::default();
-    c.organizations = vec![org("a", "short")];
+    let mut c = Config {
+        organizations: vec![org("a", "short")],
+        ..Config::default()
+    };
     assert!(c.check().is_err(), "short key");
     c.organizations = vec![org("a", "0123456789abcdef"), org("b", "0123456789abcdef")];
     assert!(c.check().is_err(), "shared key");
     c.organizations = vec![org("a", "0123456789abcdef"), org("a", "fedcba9876543210")];
     assert!(c.check().is_err(), "duplicate org");
-    let mut c = Config::default();
-    c.templates = vec![TemplateConfig {
-        name: "t".into(),
-        command: vec![],
-        env: BTreeMap::new(),
-    }];
+    let c = Config {
+        templates: vec![TemplateConfig {
+            name: "t".into(),
+            command: vec![],
+            env: BTreeMap::new(),
+        }],
+        ..Config::default()
+    };
     assert!(c.check().is_err(), "empty command");
 }
 
