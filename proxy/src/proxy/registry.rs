@@ -193,11 +193,18 @@ impl ConnHandle {
         let policy = Arc::clone(&st.policy);
         let verdict = policy.decide(name, self.dst.ip(), self.dst.port(), Proto::Tcp);
         if let Some(entry) = st.conns.get_mut(&self.id) {
-            entry.decided = Some(Decided {
-                name: name.map(str::to_string),
-                verdict: verdict.clone(),
-                kind,
+            // A keep-alive connection asks for the same name again and
+            // again: record only what changed.
+            let same = entry.decided.as_ref().is_some_and(|d| {
+                d.kind == kind && d.name.as_deref() == name && d.verdict == verdict
             });
+            if !same {
+                entry.decided = Some(Decided {
+                    name: name.map(str::to_string),
+                    verdict: verdict.clone(),
+                    kind,
+                });
+            }
         }
         (verdict, policy)
     }
