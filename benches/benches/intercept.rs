@@ -261,6 +261,9 @@ enum Path {
     Direct,
     /// Client → proxy (terminates, rewrites) → origin.
     Intercept,
+    /// Client → proxy (an allowed name without a transform: an opaque
+    /// tunnel, the origin's own certificate) → origin.
+    Tunnel,
 }
 
 impl Tag for Path {
@@ -268,6 +271,7 @@ impl Tag for Path {
         match self {
             Self::Direct => "direct",
             Self::Intercept => "intercept",
+            Self::Tunnel => "tunnel",
         }
         .into()
     }
@@ -497,6 +501,9 @@ struct Rig {
     events: Arc<Events>,
     origin: SocketAddr,
     proxy: SocketAddr,
+    /// A second sandbox proxy whose policy allows the name with no
+    /// transform.
+    tunnel: SocketAddr,
     tls: HashMap<(Path, Http), Arc<rustls::ClientConfig>>,
     interception: Arc<Interception>,
     /// Runs whose origin counts did not match (printed at the end).
@@ -545,12 +552,27 @@ impl Rig {
             Arc::clone(&events) as Arc<dyn ProxyEvents>,
         );
         let proxy_addr = on(&proxy_rt, loopback_listener(proxy, origin_addr));
+        let tunnel_proxy = SandboxProxy::new(
+            "bench-tunnel".into(),
+            policy(
+                serde_json::json!({"mode": "custom", "allow_domains": [NAME]}),
+                Floor::none_for_tests(),
+            ),
+            Arc::new(StaticResolver::new().with(NAME, [IpAddr::V4(Ipv4Addr::LOCALHOST)])) as _,
+            ProxyConfig::default(),
+            Arc::clone(&events) as Arc<dyn ProxyEvents>,
+        );
+        let tunnel_addr = on(&proxy_rt, loopback_listener(tunnel_proxy, origin_addr));
 
         let mut tls = HashMap::new();
         for http in [Http::H1, Http::H2] {
             let alpn = [http.alpn()];
             tls.insert((Path::Direct, http), client_config(&pki.ca, &alpn));
             tls.insert((Path::Intercept, http), client_config(ca.cert_der(), &alpn));
+            // The tunnel hands the origin's own certificate through: the
+            // client verifies it against the origin's CA, which checks
+            // that the bytes really came from the origin.
+            tls.insert((Path::Tunnel, http), client_config(&pki.ca, &alpn));
         }
         Self {
             clients,
@@ -560,6 +582,7 @@ impl Rig {
             events,
             origin: origin_addr,
             proxy: proxy_addr,
+            tunnel: tunnel_addr,
             tls,
             interception,
             problems: Mutex::default(),
@@ -571,6 +594,7 @@ impl Rig {
         let to = match path {
             Path::Direct => self.origin,
             Path::Intercept => self.proxy,
+            Path::Tunnel => self.tunnel,
         };
         (to, Arc::clone(&self.tls[&(path, http)]))
     }
@@ -589,7 +613,7 @@ impl Rig {
             Err(e) => panic!("{what} {}: {e}; {}", path.tag(), self.events.describe()),
         };
         let transformed = match path {
-            Path::Direct => 0,
+            Path::Direct | Path::Tunnel => 0,
             Path::Intercept => run.requests,
         };
         if seen.requests != run.requests || seen.transformed != transformed || seen.leaked != 0 {
@@ -802,7 +826,7 @@ fn latency_figures(rig: &Rig, http: Http, dur: Duration, rounds: usize) -> Vec<F
     for round in 0..rounds {
         for p in PATHS {
             let out = match p {
-                Path::Direct => Arc::clone(&direct),
+                Path::Direct | Path::Tunnel => Arc::clone(&direct),
                 Path::Intercept => Arc::clone(&icpt),
             };
             let r = rig.latency(p, http, LATENCY_RATE, dur, out);
@@ -836,6 +860,42 @@ fn latency_figures(rig: &Rig, http: Http, dur: Duration, rounds: usize) -> Vec<F
         });
     }
     out
+}
+
+/// (d) Keep-alive requests/s through a tunnel (allowed name, no
+/// transform) against direct.
+fn tunnel_request_figures(
+    notes: &mut Vec<String>,
+    rig: &Rig,
+    http: Http,
+    dur: Duration,
+    rounds: usize,
+) -> Vec<Figure> {
+    let h = http.tag();
+    let shape = match http {
+        Http::H1 => format!("c{H1_CONNS}"),
+        Http::H2 => format!("{H2_CONNS}x{H2_STREAMS}"),
+    };
+    let label = format!("loopback {h} keep-alive requests {shape} through a tunnel");
+    eprintln!("{BENCH}: {label}: direct vs tunnel ({rounds} rounds) ...");
+    let runs = interleaved(
+        BENCH,
+        notes,
+        rounds,
+        &label,
+        &[Path::Direct, Path::Tunnel],
+        |p| rig.requests(p, http, dur),
+        Run::rate,
+        |r| format!("{:.0} req/s", r.rate()),
+    );
+    let (direct, tunnel) = (&runs[&Path::Direct], &runs[&Path::Tunnel]);
+    vec![Figure {
+        name: format!("loopback_tunnel_{h}_requests_per_s_{shape}"),
+        value: med(tunnel, Run::rate),
+        baseline: Some(med(direct, Run::rate)),
+        unit: "req/s",
+        target: Target::MinRatio(0.9),
+    }]
 }
 
 fn connection_figures(
@@ -1165,6 +1225,11 @@ fn main() {
     for http in [Http::H1, Http::H2] {
         if run(&format!("{}_requests", http.tag())) {
             figures.extend(request_figures(&mut notes, &rig, http, dur, rounds));
+        }
+    }
+    for http in [Http::H1, Http::H2] {
+        if run(&format!("{}_tunnel_requests", http.tag())) {
+            figures.extend(tunnel_request_figures(&mut notes, &rig, http, dur, rounds));
         }
     }
     if run("connections") {

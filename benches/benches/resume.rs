@@ -9,7 +9,11 @@
 //! * `resume_api_response`: request → `201` (the sandbox is `starting`);
 //! * `resume_to_reachable`: request → first TCP connection from inside the
 //!   sandbox to a host it is allowed to reach (network, eBPF, proxy and
-//!   policy all in place).
+//!   policy all in place);
+//! * (g) memory per idle sandbox: the daemon's resident memory and the
+//!   host's available memory before and after resuming K more sandboxes
+//!   that then stay idle (K = 10 quick, 50 full), and (f) the daemon's peak
+//!   RSS over the whole run.
 //!
 //! `sudo -E env "PATH=$PATH" cargo bench -p tollgate-benches --bench resume`
 
@@ -22,7 +26,7 @@ use serde_json::json;
 use tollgate_benches::{
     ms, percentile, print_summary, quick, require_root, rounds, write_report, Figure, Target,
 };
-use tollgate_tests::daemon::{default_config, Daemon, KEY_DEFAULT};
+use tollgate_tests::daemon::{Daemon, KEY_DEFAULT};
 use tollgate_tests::lab::{in_netns, PUBLIC4};
 
 const SNAPSHOT: &str = "bench-resume-snap";
@@ -60,10 +64,60 @@ fn wait_reachable(ns: &str, t0: Instant) -> bool {
     false
 }
 
+/// Room for many sandboxes: the default organisation's limit and the host
+/// budget raised.
+const CONFIG: &str = r#"
+[[organizations]]
+name = "default"
+api_keys = []
+max_sandboxes = 500
+
+[host]
+vcpu = 100000
+memory_mib = 100000000
+
+[network]
+pool = "10.216.0.0/16"
+"#;
+
+/// The daemon's pid: the newest `tollgate serve` process.
+fn daemon_pid() -> Option<u32> {
+    let mut best = None;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"/tollgate"))
+            && args.iter().any(|a| *a == b"serve");
+        if is_daemon && best.is_none_or(|b| pid > b) {
+            best = Some(pid);
+        }
+    }
+    best
+}
+
+/// A `kB` field of `/proc/<pid>/status` (or `/proc/meminfo` with pid None).
+fn kib(pid: Option<u32>, field: &str) -> f64 {
+    let path = pid.map_or("/proc/meminfo".to_string(), |p| format!("/proc/{p}/status"));
+    std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
 fn main() {
     require_root();
     let n = rounds(5, 20);
-    let d = Daemon::start("bench-resume", &default_config("10.216.0.0/20"));
+    let idle = if quick() { 10 } else { 50 };
+    let d = Daemon::start("bench-resume", CONFIG);
     // The snapshot every round resumes.
     let (s, body) = call(
         &d,
@@ -109,6 +163,35 @@ fn main() {
         let (s, body) = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
         assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
     }
+    // (g) K more sandboxes that stay idle.
+    let pid = daemon_pid().expect("the daemon's process");
+    std::thread::sleep(Duration::from_millis(300));
+    let (rss0, avail0) = (kib(Some(pid), "VmRSS:"), kib(None, "MemAvailable:"));
+    let mut idle_ids = Vec::new();
+    for i in 0..idle {
+        let (s, body) = call(
+            &d,
+            Method::POST,
+            "/v1/snapshot/resume",
+            Some(json!({"snapshot_name": SNAPSHOT, "network_policy": policy})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "idle sandbox {i}: {body}");
+        idle_ids.push(body["id"].as_str().expect("id").to_string());
+    }
+    let last = idle_ids.last().expect("idle sandboxes").clone();
+    assert!(
+        wait_reachable(&format!("tollgate-{last}"), Instant::now()),
+        "the last idle sandbox never came up"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (rss1, avail1) = (kib(Some(pid), "VmRSS:"), kib(None, "MemAvailable:"));
+    let peak = kib(Some(pid), "VmHWM:");
+    eprintln!(
+        "resume: {idle} idle sandboxes: daemon RSS {rss0:.0} → {rss1:.0} KiB, host available {avail0:.0} → {avail1:.0} KiB"
+    );
+    for id in &idle_ids {
+        let _ = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
+    }
     let fig = |name: &str, xs: &[f64], p: f64| Figure {
         name: format!("{name}_p{p}"),
         value: percentile(xs.to_vec(), p),
@@ -121,6 +204,29 @@ fn main() {
         fig("resume_api_response", &api, 99.0),
         fig("resume_to_reachable", &reach, 50.0),
         fig("resume_to_reachable", &reach, 99.0),
+        Figure {
+            name: format!("daemon_rss_per_idle_sandbox_x{idle}"),
+            value: (rss1 - rss0) / idle as f64,
+            baseline: None,
+            unit: "KiB",
+            target: Target::MaxValue(256.0),
+        },
+        Figure {
+            name: format!(
+                "host_memory_per_idle_sandbox_x{idle} (kernel included: netns, links, eBPF maps)"
+            ),
+            value: (avail0 - avail1) / idle as f64,
+            baseline: None,
+            unit: "KiB",
+            target: Target::Report,
+        },
+        Figure {
+            name: "daemon_peak_rss".into(),
+            value: peak,
+            baseline: None,
+            unit: "KiB",
+            target: Target::Report,
+        },
     ];
     let title = "resume API: request → sandbox reachable on the network (netns runtime)";
     print_summary(title, &figures);

@@ -197,8 +197,11 @@ impl Config {
                 "organization {:?} is listed twice",
                 org.name
             );
+            // "default" always has the daemon's own key (TOLLGATE_API_KEY or
+            // the one kept in the state dir); listing it only to change its
+            // limit is fine.
             anyhow::ensure!(
-                !org.api_keys.is_empty(),
+                !org.api_keys.is_empty() || org.name == "default",
                 "organization {:?} has no api_keys",
                 org.name
             );

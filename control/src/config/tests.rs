@@ -84,3 +84,14 @@ fn proxy_upstream_ca_file_is_optional() {
         "typo accepted"
     );
 }
+
+#[test]
+fn the_default_organization_may_be_listed_without_keys_to_raise_its_limit() {
+    let c: Config =
+        toml::from_str("[[organizations]]\nname = \"default\"\napi_keys = []\nmax_sandboxes = 50")
+            .expect("parse");
+    assert!(c.check().is_ok());
+    let c: Config =
+        toml::from_str("[[organizations]]\nname = \"team\"\napi_keys = []").expect("parse");
+    assert!(c.check().is_err(), "another organization needs a key");
+}
