@@ -47,7 +47,7 @@ use tokio::task::AbortHandle;
 
 use crate::policy::{CompiledPolicy, Dial, Verdict};
 use crate::respond::{self, Body};
-use crate::tunnel::Activity;
+use crate::tunnel::{ActiveIo, Activity};
 
 use super::error::ProxyError;
 use super::registry::{ConnHandle, Kind};
@@ -102,9 +102,8 @@ struct Kept {
 /// The sandbox's socket as hyper sees it: every byte read also goes
 /// through the [`Scanner`]; reads and writes count as activity.
 struct TapIo {
-    inner: TcpStream,
+    inner: ActiveIo<TcpStream>,
     scanner: Arc<Scanner>,
-    activity: Arc<Activity>,
 }
 
 /// Serves one plain-HTTP connection until it closes, idles out, or is told
@@ -122,9 +121,8 @@ pub(super) async fn serve(proxy: Arc<SandboxProxy>, conn: TcpStream, handle: Con
         tasks: Mutex::new(Vec::new()),
     });
     let io = TokioIo::new(TapIo {
-        inner: conn,
+        inner: ActiveIo::new(conn, Arc::clone(&activity)),
         scanner,
-        activity: Arc::clone(&activity),
     });
     let svc_ctx = Arc::clone(&ctx);
     let svc = hyper::service::service_fn(move |req| {
@@ -424,7 +422,6 @@ impl AsyncRead for TapIo {
         }
         let new = buf.filled().get(before..).unwrap_or_default();
         if !new.is_empty() {
-            this.activity.touch();
             if let Err(reason) = this.scanner.feed(new) {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, reason)));
             }
@@ -439,12 +436,7 @@ impl AsyncWrite for TapIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
-        r
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -452,12 +444,7 @@ impl AsyncWrite for TapIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
-        r
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

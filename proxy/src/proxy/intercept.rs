@@ -36,9 +36,8 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -54,13 +53,12 @@ use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::intercept::{Interception, Rewrite, ScrubBody};
 use crate::policy::{CompiledPolicy, Dial, Transform, Verdict};
 use crate::respond::{self, Body};
-use crate::tunnel::Activity;
+use crate::tunnel::{ActiveIo, Activity};
 
 use super::error::ProxyError;
 use super::http::{strip_hop_by_hop, switching_protocols};
@@ -130,12 +128,6 @@ struct Target {
     port: Option<u16>,
 }
 
-/// The sandbox's socket; every byte moved counts as activity.
-struct ActiveIo {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
 /// Terminates TLS for `sni` and serves requests until the connection ends,
 /// idles out, or is told to close.
 pub(super) async fn serve(
@@ -155,10 +147,7 @@ pub(super) async fn serve(
         return;
     }
     let activity = Arc::new(Activity::new());
-    let io = ActiveIo {
-        inner: conn,
-        activity: Arc::clone(&activity),
-    };
+    let io = ActiveIo::new(conn, Arc::clone(&activity));
     let handshake = async {
         let acceptor =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
@@ -807,60 +796,5 @@ impl Head {
             req.headers_mut().insert(HOST, self.authority.host);
         }
         Ok(req)
-    }
-}
-
-// === impl ActiveIo ===
-
-impl AsyncRead for ActiveIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for ActiveIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
