@@ -343,6 +343,51 @@ impl Daemon {
         }
     }
 
+    /// Creates a sandbox (512 MiB) with `policy` as the default
+    /// organization; its id. Panics unless `201`.
+    pub fn create_sandbox(&mut self, policy: &Value) -> String {
+        let c = self.call(
+            Method::POST,
+            "/v1/sandbox",
+            "/v1/sandbox",
+            KEY_DEFAULT,
+            Some(&serde_json::json!({"memory": 512, "network_policy": policy})),
+        );
+        assert_eq!(c.status, StatusCode::CREATED, "{}", c.body);
+        c.body["id"].as_str().expect("id").to_string()
+    }
+
+    /// The sandbox's network events (up to 1,000), oldest first.
+    pub fn events(&mut self, id: &str) -> Vec<Value> {
+        let a = self.call(
+            Method::GET,
+            &format!("/v1/sandbox/{id}/network/events?limit=1000"),
+            "/v1/sandbox/{id}/network/events",
+            KEY_DEFAULT,
+            None,
+        );
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        a.body["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `POST /v1/sandbox/{id}/process/execute` with `/bin/sh -c command`
+    /// (bounded by `timeout_s`): (exit code, stdout, stderr).
+    pub fn sh(&mut self, id: &str, command: &str, timeout_s: u64) -> (i64, String, String) {
+        let a = self.call(
+            Method::POST,
+            &format!("/v1/sandbox/{id}/process/execute"),
+            "/v1/sandbox/{id}/process/execute",
+            KEY_DEFAULT,
+            Some(&serde_json::json!({"command": command, "timeout": timeout_s})),
+        );
+        assert_eq!(a.status, StatusCode::OK, "{command}: {}", a.body);
+        (
+            a.body["exit_code"].as_i64().expect("exit_code"),
+            a.body["stdout"].as_str().unwrap_or_default().to_string(),
+            a.body["stderr"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+
     /// Deletes every sandbox of both test organizations.
     pub fn delete_all(&self) {
         for key in [KEY_DEFAULT, KEY_OTHER] {

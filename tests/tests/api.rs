@@ -741,19 +741,7 @@ fn get_text(d: &Daemon, path: &str, key: Option<&str>) -> (StatusCode, String, S
 /// `POST /v1/sandbox/{id}/process/execute` with `/bin/sh -c command`:
 /// (exit code, stdout, stderr).
 fn sh(d: &mut Daemon, id: &str, command: &str) -> (i64, String, String) {
-    let a = d.call(
-        Method::POST,
-        &format!("/v1/sandbox/{id}/process/execute"),
-        "/v1/sandbox/{id}/process/execute",
-        KEY_DEFAULT,
-        Some(&json!({"command": command, "timeout": 30})),
-    );
-    assert_eq!(a.status, StatusCode::OK, "{command}: {}", a.body);
-    (
-        a.body["exit_code"].as_i64().expect("exit_code"),
-        a.body["stdout"].as_str().unwrap_or_default().to_string(),
-        a.body["stderr"].as_str().unwrap_or_default().to_string(),
-    )
+    d.sh(id, command, 30)
 }
 
 /// The sandbox's CA certificate from the API (checked against the contract).

@@ -95,15 +95,7 @@ fn resume(d: &mut Daemon, snap: &str, policy: Value) -> String {
 }
 
 fn events(d: &mut Daemon, id: &str) -> Vec<Value> {
-    let a = d.call(
-        Method::GET,
-        &format!("/v1/sandbox/{id}/network/events?limit=1000"),
-        "/v1/sandbox/{id}/network/events",
-        KEY_DEFAULT,
-        None,
-    );
-    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
-    a.body["items"].as_array().cloned().unwrap_or_default()
+    d.events(id)
 }
 
 fn counters(d: &mut Daemon, id: &str) -> Value {

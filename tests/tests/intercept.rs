@@ -97,32 +97,12 @@ upstream_ca_file = "{}"
     }
 
     fn sandbox(&mut self, policy: Value) -> String {
-        let c = self.d.call(
-            Method::POST,
-            "/v1/sandbox",
-            "/v1/sandbox",
-            KEY_DEFAULT,
-            Some(&json!({"memory": 512, "network_policy": policy})),
-        );
-        assert_eq!(c.status, StatusCode::CREATED, "{}", c.body);
-        c.body["id"].as_str().expect("id").to_string()
+        self.d.create_sandbox(&policy)
     }
 
     /// Runs `/bin/sh -c command` in the sandbox: (exit code, stdout, stderr).
     fn sh(&mut self, id: &str, command: &str) -> (i64, String, String) {
-        let a = self.d.call(
-            Method::POST,
-            &format!("/v1/sandbox/{id}/process/execute"),
-            "/v1/sandbox/{id}/process/execute",
-            KEY_DEFAULT,
-            Some(&json!({"command": command, "timeout": 120})),
-        );
-        assert_eq!(a.status, StatusCode::OK, "{command}: {}", a.body);
-        (
-            a.body["exit_code"].as_i64().expect("exit_code"),
-            a.body["stdout"].as_str().unwrap_or_default().to_string(),
-            a.body["stderr"].as_str().unwrap_or_default().to_string(),
-        )
+        self.d.sh(id, command, 120)
     }
 
     /// Like [`Self::sh`], but the command must succeed; its stdout.
@@ -141,14 +121,7 @@ upstream_ca_file = "{}"
     }
 
     fn events(&mut self, id: &str) -> Vec<Value> {
-        let a = self.d.call(
-            Method::GET,
-            &format!("/v1/sandbox/{id}/network/events?limit=1000"),
-            "/v1/sandbox/{id}/network/events",
-            KEY_DEFAULT,
-            None,
-        );
-        a.body["items"].as_array().cloned().unwrap_or_default()
+        self.d.events(id)
     }
 }
 

@@ -79,15 +79,7 @@ impl World {
     }
 
     fn sandbox(&mut self, policy: Value) -> String {
-        let c = self.d.call(
-            Method::POST,
-            "/v1/sandbox",
-            "/v1/sandbox",
-            KEY_DEFAULT,
-            Some(&json!({"memory": 512, "network_policy": policy})),
-        );
-        assert_eq!(c.status, StatusCode::CREATED, "{}", c.body);
-        c.body["id"].as_str().expect("id").to_string()
+        self.d.create_sandbox(&policy)
     }
 
     fn get(
@@ -110,14 +102,7 @@ impl World {
     }
 
     fn events(&mut self, id: &str) -> Vec<Value> {
-        let a = self.d.call(
-            Method::GET,
-            &format!("/v1/sandbox/{id}/network/events?limit=1000"),
-            "/v1/sandbox/{id}/network/events",
-            KEY_DEFAULT,
-            None,
-        );
-        a.body["items"].as_array().cloned().unwrap_or_default()
+        self.d.events(id)
     }
 }
 
