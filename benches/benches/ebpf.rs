@@ -1,7 +1,12 @@
-//! eBPF layer benches (root): per-sandbox attach + detach time with 1, 100
-//! and 1,000 sandboxes attached, and TCP throughput sandbox → host through the
-//! program (allow_cidrs pass and proxy steering) against the same path
-//! without it, measured in the same run.
+//! eBPF layer benches (root):
+//!
+//! * (g) scale, at 1, 100 and 1,000 sandboxes (1 and 100 quick): attach and
+//!   detach time per sandbox (p50, p99), the kernel memory of each attached
+//!   filter's maps (the `memlock` the kernel accounts, from fdinfo), and a load on one sandbox while the others idle — TCP
+//!   throughput through that sandbox's filter with the others attached,
+//!   against the same path with none attached, measured just before;
+//! * TCP throughput sandbox → host through the program (allow_cidrs pass and
+//!   proxy steering) against the same path without it, in the same run.
 //!
 //! To try it: `sudo -E env "PATH=$PATH" cargo bench -p tollgate-benches --bench ebpf`
 //! (`TOLLGATE_BENCH_QUICK=1` for a shorter run).
@@ -74,12 +79,79 @@ impl Drop for Fleet {
     }
 }
 
-/// Attach + detach per sandbox while `n` sandboxes are attached.
-fn attach_detach(n: usize) -> (Vec<f64>, Vec<f64>) {
+/// Kernel memory of the eBPF maps and programs this process holds a
+/// descriptor of, KiB: the `memlock` the kernel accounts for each (from
+/// `/proc/self/fdinfo`), each map or program counted once.
+fn bpf_memlock_kib() -> f64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return f64::NAN;
+    };
+    for e in dir.flatten() {
+        let Ok(info) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        let id = field("map_id:")
+            .map(|v| format!("map {v}"))
+            .or_else(|| field("prog_id:").map(|v| format!("prog {v}")));
+        if let (Some(id), Some(bytes)) = (id, field("memlock:").and_then(|v| v.parse::<u64>().ok()))
+        {
+            if seen.insert(id) {
+                total += bytes;
+            }
+        }
+    }
+    total as f64 / 1024.0
+}
+
+/// The sink of the loaded sandbox in the scale runs.
+const SCALE_SINK_PORT: u16 = 5002;
+
+/// What one scale step measured.
+struct Scale {
+    attach_ms: Vec<f64>,
+    detach_ms: Vec<f64>,
+    /// eBPF memory (maps and programs held) per attached filter, KiB.
+    kernel_kib_per_filter: f64,
+    /// One sandbox's TCP throughput with the others idle / with none, MiB/s.
+    loaded: f64,
+    alone: f64,
+}
+
+/// Attaches `n` filters (idle sandboxes), loads one more sandbox (`pair`,
+/// its filter attached) before and while they are attached, then detaches
+/// them one by one.
+fn scale(n: usize, pair: &Pair, sink: &TcpListener) -> Scale {
     let fleet = Fleet::new(n);
     let root = pin_root();
     let _pins = Pins(root.clone());
     let floor = FloorSet::platform();
+    let bytes = 256 << 20;
+    let rounds = rounds(3, 5);
+    let dst = SocketAddr::from((SINK, SCALE_SINK_PORT));
+    let loaded_filter = Filter::attach(
+        &root.join("loaded"),
+        &PathBuf::from(format!("/run/netns/{}", pair.r)),
+        "tgs0",
+        &snet(),
+        &floor,
+        &policy_with_sink(),
+    )
+    .expect("attach the loaded sandbox's filter");
+    // One stream to warm the path (routes, neighbour, page cache of the
+    // socket buffers) before the rounds that count.
+    stream(pair, sink, dst, bytes);
+    let alone: Vec<f64> = (0..rounds)
+        .map(|_| stream(pair, sink, dst, bytes))
+        .collect();
+
+    let mem0 = bpf_memlock_kib();
     let mut filters = Vec::with_capacity(n);
     let mut attach = Vec::with_capacity(n);
     for (i, ns) in fleet.names.iter().enumerate() {
@@ -96,13 +168,28 @@ fn attach_detach(n: usize) -> (Vec<f64>, Vec<f64>) {
         attach.push(ms(t.elapsed()));
         filters.push(f);
     }
+    let mem1 = bpf_memlock_kib();
+    let loaded: Vec<f64> = (0..rounds)
+        .map(|_| stream(pair, sink, dst, bytes))
+        .collect();
+
     let mut detach = Vec::with_capacity(n);
     for f in filters {
         let t = Instant::now();
         f.detach().expect("detach");
         detach.push(ms(t.elapsed()));
     }
-    (attach, detach)
+    loaded_filter
+        .detach()
+        .expect("detach the loaded sandbox's filter");
+    let mib = |v: Vec<f64>| median(v) / (1 << 20) as f64;
+    Scale {
+        attach_ms: attach,
+        detach_ms: detach,
+        kernel_kib_per_filter: (mem1 - mem0) / n as f64,
+        loaded: mib(loaded),
+        alone: mib(alone),
+    }
 }
 
 /// Bytes/s of one TCP stream of `bytes` from the sandbox to `dst`, received
@@ -161,8 +248,7 @@ fn stream(pair: &Pair, listener: &TcpListener, dst: SocketAddr, bytes: usize) ->
     bytes as f64 / t.as_secs_f64()
 }
 
-fn throughput() -> Vec<Figure> {
-    let pair = Pair::new();
+fn throughput(pair: &Pair) -> Vec<Figure> {
     let bytes = if quick() { 128 << 20 } else { 512 << 20 };
     let rounds = rounds(3, 5);
     // The sink (plain) and the proxy's transparent listener, both in the router.
@@ -191,7 +277,7 @@ fn throughput() -> Vec<Figure> {
         if std::env::var("TOLLGATE_BENCH_TRACE").is_ok() {
             eprintln!("round {round}");
         }
-        direct.push(stream(&pair, &sink, SocketAddr::from((SINK, 5001)), bytes));
+        direct.push(stream(pair, &sink, SocketAddr::from((SINK, 5001)), bytes));
         let mut f = Filter::attach(
             &root.join("pair"),
             &PathBuf::from(format!("/run/netns/{}", pair.r)),
@@ -206,9 +292,9 @@ fn throughput() -> Vec<Figure> {
         if std::env::var("TOLLGATE_BENCH_TRACE").is_ok() {
             eprintln!("round {round}: pass");
         }
-        pass.push(stream(&pair, &sink, SocketAddr::from((SINK, 5001)), bytes));
+        pass.push(stream(pair, &sink, SocketAddr::from((SINK, 5001)), bytes));
         steered.push(stream(
-            &pair,
+            pair,
             &proxy,
             SocketAddr::from((STEERED_DST, 443)),
             bytes,
@@ -239,42 +325,45 @@ fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects nothing here.
     require_root();
     tollgate_ebpf::ensure_bpffs().expect("bpffs");
+    let pair = Pair::new();
+    let sink = in_netns(&pair.h, || {
+        TcpListener::bind((SINK, SCALE_SINK_PORT)).expect("bind the scale sink")
+    });
     let mut figures = Vec::new();
     let scales: &[usize] = if quick() { &[1, 100] } else { &[1, 100, 1000] };
     for &n in scales {
-        eprintln!("ebpf: attach + detach with {n} sandboxes ...");
-        let (a, d) = attach_detach(n);
+        eprintln!("ebpf: attach + detach with {n} sandboxes, one loaded ...");
+        let s = scale(n, &pair, &sink);
+        for (what, v) in [("attach", &s.attach_ms), ("detach", &s.detach_ms)] {
+            for p in [50.0, 99.0] {
+                figures.push(Figure {
+                    name: format!("ebpf_{what}_x{n}_p{p}"),
+                    value: percentile(v.clone(), p),
+                    baseline: None,
+                    unit: "ms",
+                    target: Target::MaxValue(5.0),
+                });
+            }
+        }
         figures.push(Figure {
-            name: format!("ebpf_attach_x{n}_p50"),
-            value: percentile(a.clone(), 50.0),
+            name: format!("ebpf_map_memory_per_attached_filter_x{n} (kernel memlock)"),
+            value: s.kernel_kib_per_filter,
             baseline: None,
-            unit: "ms",
-            target: Target::MaxValue(5.0),
+            unit: "KiB",
+            target: Target::Report,
         });
         figures.push(Figure {
-            name: format!("ebpf_attach_x{n}_p99"),
-            value: percentile(a, 99.0),
-            baseline: None,
-            unit: "ms",
-            target: Target::MaxValue(5.0),
-        });
-        figures.push(Figure {
-            name: format!("ebpf_detach_x{n}_p50"),
-            value: percentile(d.clone(), 50.0),
-            baseline: None,
-            unit: "ms",
-            target: Target::MaxValue(5.0),
-        });
-        figures.push(Figure {
-            name: format!("ebpf_detach_x{n}_p99"),
-            value: percentile(d, 99.0),
-            baseline: None,
-            unit: "ms",
-            target: Target::MaxValue(5.0),
+            name: format!(
+                "ebpf_one_sandbox_tcp_throughput_with_{n}_idle_attached (direct: none attached)"
+            ),
+            value: s.loaded,
+            baseline: Some(s.alone),
+            unit: "MiB/s",
+            target: Target::MinRatio(0.95),
         });
     }
     eprintln!("ebpf: TCP throughput with and without the program ...");
-    figures.extend(throughput());
+    figures.extend(throughput(&pair));
     let title = "eBPF layer (ratios against the same path without the program, same run)";
     print_summary(title, &figures);
     write_report("ebpf", title, &figures, &[]);

@@ -12,8 +12,10 @@
 //!   policy all in place);
 //! * (g) memory per idle sandbox: the daemon's resident memory and the
 //!   host's available memory before and after resuming K more sandboxes
-//!   that then stay idle (K = 10 quick, 50 full), and (f) the daemon's peak
-//!   RSS over the whole run.
+//!   that then stay idle (K = 10 quick, 100 full), and (f) the daemon's peak
+//!   RSS over the whole run;
+//! * (g) load on one sandbox while the others idle: the resume → reachable
+//!   rounds again with the K idle sandboxes up, against the rounds without.
 //!
 //! `sudo -E env "PATH=$PATH" cargo bench -p tollgate-benches --bench resume`
 
@@ -24,7 +26,8 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode};
 use serde_json::json;
 use tollgate_benches::{
-    ms, percentile, print_summary, quick, require_root, rounds, write_report, Figure, Target,
+    ms, percentile, print_summary, proc_kib, quick, require_root, rounds, write_report, Figure,
+    Target,
 };
 use tollgate_tests::daemon::{Daemon, KEY_DEFAULT};
 use tollgate_tests::lab::{in_netns, PUBLIC4};
@@ -100,23 +103,29 @@ fn daemon_pid() -> Option<u32> {
     best
 }
 
-/// A `kB` field of `/proc/<pid>/status` (or `/proc/meminfo` with pid None).
-fn kib(pid: Option<u32>, field: &str) -> f64 {
-    let path = pid.map_or("/proc/meminfo".to_string(), |p| format!("/proc/{p}/status"));
-    std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(f64::NAN)
+/// One resume with `policy`: (ms to the 201, ms until reachable, the id).
+fn resume_round(d: &Daemon, policy: &serde_json::Value, i: usize) -> (f64, f64, String) {
+    let t0 = Instant::now();
+    let (s, body) = call(
+        d,
+        Method::POST,
+        "/v1/snapshot/resume",
+        Some(json!({"snapshot_name": SNAPSHOT, "network_policy": policy})),
+    );
+    let answered = t0.elapsed();
+    assert_eq!(s, StatusCode::CREATED, "round {i}: {body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    assert!(
+        wait_reachable(&format!("tollgate-{id}"), t0),
+        "round {i}: sandbox {id} never reached the canary"
+    );
+    (ms(answered), ms(t0.elapsed()), id)
 }
 
 fn main() {
     require_root();
     let n = rounds(5, 20);
-    let idle = if quick() { 10 } else { 50 };
+    let idle = if quick() { 10 } else { 100 };
     let d = Daemon::start("bench-resume", CONFIG);
     // The snapshot every round resumes.
     let (s, body) = call(
@@ -137,36 +146,23 @@ fn main() {
     let policy = json!({"mode": "custom", "allow_cidrs": [format!("{PUBLIC4}/32")]});
     let (mut api, mut reach) = (Vec::new(), Vec::new());
     for i in 0..n {
-        let t0 = Instant::now();
-        let (s, body) = call(
-            &d,
-            Method::POST,
-            "/v1/snapshot/resume",
-            Some(json!({"snapshot_name": SNAPSHOT, "network_policy": policy})),
-        );
-        let answered = t0.elapsed();
-        assert_eq!(s, StatusCode::CREATED, "round {i}: {body}");
-        let id = body["id"].as_str().expect("id").to_string();
-        assert!(
-            wait_reachable(&format!("tollgate-{id}"), t0),
-            "round {i}: sandbox {id} never reached the canary"
-        );
-        let reached = t0.elapsed();
+        let (answered, reached, id) = resume_round(&d, &policy, i);
         eprintln!(
-            "resume {}/{n}: 201 after {:.1} ms, reachable after {:.1} ms",
-            i + 1,
-            ms(answered),
-            ms(reached)
+            "resume {}/{n}: 201 after {answered:.1} ms, reachable after {reached:.1} ms",
+            i + 1
         );
-        api.push(ms(answered));
-        reach.push(ms(reached));
+        api.push(answered);
+        reach.push(reached);
         let (s, body) = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
         assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
     }
     // (g) K more sandboxes that stay idle.
     let pid = daemon_pid().expect("the daemon's process");
     std::thread::sleep(Duration::from_millis(300));
-    let (rss0, avail0) = (kib(Some(pid), "VmRSS:"), kib(None, "MemAvailable:"));
+    let (rss0, avail0) = (
+        proc_kib(Some(pid), "VmRSS:"),
+        proc_kib(None, "MemAvailable:"),
+    );
     let mut idle_ids = Vec::new();
     for i in 0..idle {
         let (s, body) = call(
@@ -184,11 +180,27 @@ fn main() {
         "the last idle sandbox never came up"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let (rss1, avail1) = (kib(Some(pid), "VmRSS:"), kib(None, "MemAvailable:"));
-    let peak = kib(Some(pid), "VmHWM:");
+    let (rss1, avail1) = (
+        proc_kib(Some(pid), "VmRSS:"),
+        proc_kib(None, "MemAvailable:"),
+    );
     eprintln!(
         "resume: {idle} idle sandboxes: daemon RSS {rss0:.0} → {rss1:.0} KiB, host available {avail0:.0} → {avail1:.0} KiB"
     );
+    // (g) load on one sandbox while the others idle: the same resume →
+    // reachable rounds with the K idle sandboxes up.
+    let mut reach_idle = Vec::new();
+    for i in 0..n {
+        let (_, reached, id) = resume_round(&d, &policy, i);
+        eprintln!(
+            "resume with {idle} idle {}/{n}: reachable after {reached:.1} ms",
+            i + 1
+        );
+        reach_idle.push(reached);
+        let (s, body) = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
+        assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    }
+    let peak = proc_kib(Some(pid), "VmHWM:");
     for id in &idle_ids {
         let _ = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
     }
@@ -204,6 +216,13 @@ fn main() {
         fig("resume_api_response", &api, 99.0),
         fig("resume_to_reachable", &reach, 50.0),
         fig("resume_to_reachable", &reach, 99.0),
+        Figure {
+            name: format!("resume_to_reachable_p50_with_{idle}_idle_sandboxes (direct: with none)"),
+            value: percentile(reach_idle.clone(), 50.0),
+            baseline: Some(percentile(reach.clone(), 50.0)),
+            unit: "ms",
+            target: Target::Report,
+        },
         Figure {
             name: format!("daemon_rss_per_idle_sandbox_x{idle}"),
             value: (rss1 - rss0) / idle as f64,

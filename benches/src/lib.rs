@@ -75,6 +75,20 @@ impl Figure {
     }
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), or of
+/// `/proc/meminfo` (`MemAvailable:`) when `pid` is None; NaN if unreadable.
+pub fn proc_kib(pid: Option<u32>, field: &str) -> f64 {
+    let path = pid.map_or("/proc/meminfo".to_string(), |p| format!("/proc/{p}/status"));
+    std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
 /// Prints the figures as a table.
 pub fn print_summary(title: &str, figures: &[Figure]) {
     let label = |f: &Figure| format!("{} [{}]", f.name, f.unit);

@@ -293,18 +293,19 @@ impl Attach<'_> {
         } = *self;
 
         // Fresh maps, filled before anything is attached.
-        let mut egress = EbpfLoader::new().load(EGRESS_OBJECT)?;
+        let mut egress = load_egress_object()?;
         let mut tables = Tables::take(&mut egress)?;
         tables.write_net(net)?;
-        tables.publish(floor, policy)?;
+        tables.fill_fresh(floor, policy)?;
         tables.pin(pin_dir)?;
 
         // sk_lookup in the router namespace; it shares tg_net and
         // tg_listeners through their pins.
-        let mut lookup = EbpfLoader::new()
-            .map_pin_path(names::NET, pin_dir.join(names::NET))
-            .map_pin_path(names::LISTENERS, pin_dir.join(names::LISTENERS))
-            .load(LOOKUP_OBJECT)?;
+        let mut lookup = with_loader(&LOADERS.lookup, |l| {
+            l.map_pin_path(names::NET, pin_dir.join(names::NET))
+                .map_pin_path(names::LISTENERS, pin_dir.join(names::LISTENERS))
+                .load(LOOKUP_OBJECT)
+        })?;
         let prog: &mut SkLookup = program(&mut lookup, abi::LOOKUP_PROGRAM)?;
         prog.load().map_err(prog_err("load sk_lookup"))?;
         pin_prog(pin_dir.join(LOOKUP_PROG_PIN), |p| prog.pin(p))?;
@@ -341,6 +342,34 @@ impl Attach<'_> {
         let link = pin_link(link, &pin_dir.join(LINK_PIN))?;
         Ok((tables, link, lookup_link))
     }
+}
+
+/// The process's loaders, one per object. `EbpfLoader::new` parses the
+/// kernel's BTF (`/sys/kernel/btf/vmlinux`, 10–20 ms) every time; a loader
+/// reused for every attach parses it once. The sk_lookup loader's only
+/// per-load settings are the pin paths of `tg_net` and `tg_listeners`, which
+/// every load overwrites, so nothing of one sandbox reaches the next.
+struct Loaders {
+    egress: std::sync::Mutex<EbpfLoader<'static>>,
+    lookup: std::sync::Mutex<EbpfLoader<'static>>,
+}
+
+static LOADERS: std::sync::LazyLock<Loaders> = std::sync::LazyLock::new(|| Loaders {
+    egress: std::sync::Mutex::new(EbpfLoader::new()),
+    lookup: std::sync::Mutex::new(EbpfLoader::new()),
+});
+
+/// The TC object with fresh maps.
+pub(crate) fn load_egress_object() -> Result<Ebpf, EbpfError> {
+    with_loader(&LOADERS.egress, |l| l.load(EGRESS_OBJECT))
+}
+
+fn with_loader(
+    loader: &std::sync::Mutex<EbpfLoader<'static>>,
+    f: impl FnOnce(&mut EbpfLoader<'static>) -> Result<Ebpf, aya::EbpfError>,
+) -> Result<Ebpf, EbpfError> {
+    let mut guard = loader.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(f(&mut guard)?)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError>

@@ -64,6 +64,7 @@ pub use events::{AsyncEventReader, EventReader};
 pub use filter::{
     tcx_ingress_programs, Filter, LINK_PIN, LOOKUP_LINK_PIN, LOOKUP_PROG_PIN, PROG_PIN,
 };
+pub use maps::PolicyMaps;
 pub use policy::{EgressPolicy, FloorSet, Mode, SandboxNet};
 pub use verdict::{Counters, DropEvent, Reason};
 

@@ -15,7 +15,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::abi::{self, names, Config, LpmV4, LpmV6, NetConfig};
 use crate::error::EbpfError;
-use crate::policy::{CompiledFloor, EgressPolicy, Mode};
+use crate::policy::{CompiledFloor, EgressPolicy, FloorSet, Mode};
 use crate::verdict::Counters;
 
 /// Every map of one attached filter.
@@ -211,6 +211,19 @@ impl Tables {
         self.wait_for_readers()?;
         self.clear_generation(old)?;
         self.set_config(old, Config::default())
+    }
+
+    /// Writes the active generation of maps that no program reads (before
+    /// attach): no grace period to wait for. Whatever the generation held is
+    /// cleared first.
+    pub(crate) fn fill_fresh(
+        &mut self,
+        floor: &CompiledFloor,
+        policy: &EgressPolicy,
+    ) -> Result<(), EbpfError> {
+        let gen = self.active()?;
+        self.clear_generation(gen)?;
+        self.write_generation(gen, floor, policy)
     }
 
     fn write_generation(
@@ -463,5 +476,40 @@ fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
+    }
+}
+
+/// A filter's policy maps, loaded but never attached to anything: what
+/// writing a whole policy into the kernel costs, without a program or an
+/// interface (the `ebpf_maps` bench), and a read-back to check the write.
+pub struct PolicyMaps {
+    _object: Ebpf,
+    tables: Tables,
+    floor: CompiledFloor,
+}
+
+impl PolicyMaps {
+    /// Loads a fresh set of maps (root, bpffs not needed: nothing is pinned).
+    pub fn load(floor: &FloorSet) -> Result<Self, EbpfError> {
+        let mut object = crate::filter::load_egress_object()?;
+        let tables = Tables::take(&mut object)?;
+        Ok(Self {
+            _object: object,
+            tables,
+            floor: floor.compile()?,
+        })
+    }
+
+    /// Clears the active generation and writes floor and `policy` into it:
+    /// the map work of [`crate::Filter::attach`]'s fill.
+    pub fn write(&mut self, policy: &EgressPolicy) -> Result<(), EbpfError> {
+        let policy = policy.normalized()?;
+        self.tables.fill_fresh(&self.floor, &policy)
+    }
+
+    /// The policy and floor the maps hold now, read back entry by entry.
+    pub fn read(&self) -> Result<(FloorSet, EgressPolicy), EbpfError> {
+        let gen = self.tables.read_generation(self.tables.active()?)?;
+        Ok((gen.floor.to_set(), gen.policy))
     }
 }

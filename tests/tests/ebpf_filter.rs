@@ -1819,3 +1819,42 @@ fn handles_are_send() {
     send::<EventReader>();
     send::<tollgate_ebpf::AsyncEventReader>();
 }
+
+#[test]
+fn a_whole_policy_written_into_fresh_maps_reads_back_and_a_rewrite_leaves_nothing_stale() {
+    require_root();
+    let floor = FloorSet::platform();
+    let big = EgressPolicy::new(Mode::Custom).with_allow(
+        (0..5)
+            .map(|i| net(&format!("203.0.{i}.0/24")))
+            .chain((0..5).map(|i| net(&format!("2001:db8:{i}::/48")))),
+    );
+    let mut maps = tollgate_ebpf::PolicyMaps::load(&floor).expect("load maps");
+    maps.write(&big).expect("write");
+    let (read_floor, read_policy) = maps.read().expect("read back");
+    // `big` is already normalised (sorted, no host bits): read back as is.
+    assert_eq!(read_policy, big);
+    let mut want: Vec<IpNet> = floor.floor.clone();
+    let mut got: Vec<IpNet> = read_floor.floor.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "every floor prefix is in the maps");
+    let mut want: Vec<IpNet> = floor.private.clone();
+    let mut got: Vec<IpNet> = read_floor.private.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "every private prefix is in the maps");
+    // A smaller policy written over it: no entry of the big one remains.
+    let small = EgressPolicy::new(Mode::Custom).with_allow([net("198.51.100.0/24")]);
+    maps.write(&small).expect("rewrite");
+    let (_, read_policy) = maps.read().expect("read back");
+    assert_eq!(
+        read_policy.allow_v4,
+        vec!["198.51.100.0/24".parse().expect("net")]
+    );
+    assert!(
+        read_policy.allow_v6.is_empty(),
+        "{:?}",
+        read_policy.allow_v6
+    );
+}
