@@ -57,7 +57,7 @@ enum tg_class {
 #define TG_GENERATIONS 2
 #define TG_FLOOR_MAX 1024 /* floor + private prefixes per family and generation */
 #define TG_ALLOW_MAX 256  /* allow_cidrs prefixes per family and generation */
-#define TG_EVENTS_BYTES (64 * 1024)
+#define TG_EVENTS_BYTES (16 * 1024) /* ~290 events; a burst beyond is counted as lost */
 
 /* ---- verdicts --------------------------------------------------------- */
 

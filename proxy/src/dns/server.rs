@@ -182,21 +182,29 @@ impl DnsServer {
     pub async fn serve_udp(&self, sock: UdpSocket) {
         let sock = Arc::new(sock);
         let mut tasks = JoinSet::new();
-        let mut buf = vec![0u8; 65_535];
         loop {
-            let received = tokio::select! {
-                r = sock.recv_from(&mut buf) => r,
+            let readable = tokio::select! {
+                r = sock.readable() => r,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             };
-            let (n, peer) = match received {
-                Ok(x) => x,
+            // The datagram buffer exists only while a datagram is read: an
+            // idle sandbox's two UDP servers hold none (64 KiB each).
+            let received = match readable {
+                Ok(()) => {
+                    let mut buf = vec![0u8; 65_535];
+                    sock.try_recv_from(&mut buf)
+                        .map(|(n, peer)| (buf.get(..n).map(<[u8]>::to_vec), peer))
+                }
+                Err(e) => Err(e),
+            };
+            let (query, peer) = match received {
+                Ok((Some(q), peer)) => (q, peer),
+                Ok((None, _)) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(_) => {
                     tokio::time::sleep(ERROR_BACKOFF).await;
                     continue;
                 }
-            };
-            let Some(query) = buf.get(..n).map(<[u8]>::to_vec) else {
-                continue;
             };
             while tasks.try_join_next().is_some() {}
             if tasks.len() >= MAX_UDP_INFLIGHT {
