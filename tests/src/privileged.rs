@@ -67,7 +67,30 @@ pub fn tollgate_bin() -> PathBuf {
             .expect("workspace root")
             .to_path_buf();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(&cargo)
+        let mut build = Command::new(&cargo);
+        // Cargo gives a test or bench process the variables of its own
+        // package (CARGO_MANIFEST_DIR, CARGO_PKG_*, OUT_DIR, ...). Build
+        // scripts track some of them (ring's tracks CARGO_MANIFEST_DIR), so
+        // inheriting them would make this build redo what `cargo test` /
+        // `cargo bench` just built, and that redo the next time.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            let per_package = name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || name.starts_with("CARGO_BIN_")
+                || matches!(
+                    name.as_ref(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                );
+            if per_package {
+                build.env_remove(name.as_ref());
+            }
+        }
+        let status = build
             .args([
                 "build",
                 "-p",
