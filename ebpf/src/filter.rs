@@ -4,18 +4,25 @@
 //! Pin layout under the pin directory (e.g. `/sys/fs/bpf/tollgate/<id>/`):
 //! one file per map (`tg_net`, `tg_active`, ... see [`crate::abi::names`]),
 //! the sk_lookup program and its netns link as `lookup_prog` / `lookup_link`,
-//! the TC program as `prog` and its TCX link as `link`. The TCX link pin is
-//! written last: a directory with a `link` pin holds a complete, attached
-//! filter.
+//! the TC program as `prog`, and the TC program once more as `link`, written
+//! last, once its filter is attached: a directory with a `link` pin holds a
+//! complete, attached filter.
+//!
+//! The TC program is attached as a direct-action `cls_bpf` filter on a
+//! `clsact` qdisc (netlink), priority [`TC_PRIORITY`], handle [`TC_HANDLE`].
+//! A filter belongs to the interface, not to a descriptor: it keeps enforcing
+//! when the daemon dies, and goes with the interface. A TCX link would do the
+//! same, but each TCX attach and detach waits for an RCU grace period
+//! (10–20 ms here) where adding or deleting a filter takes well under 1 ms.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::FdLink;
-use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, Program, ProgramError, SchedClassifier, SkLookup, TcAttachType};
+use aya::programs::links::{FdLink, Link};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
+use aya::programs::{Program, ProgramError, SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, names};
@@ -26,8 +33,13 @@ use crate::policy::{CompiledFloor, EgressPolicy, FloorSet, SandboxNet};
 use crate::verdict::Counters;
 use crate::{ensure_bpffs, sys, EGRESS_OBJECT, LOOKUP_OBJECT};
 
-/// File name of the TCX link pin (written last: the "attached" marker).
+/// File name of the "attached" marker: the TC program pinned a second time,
+/// after its filter is attached.
 pub const LINK_PIN: &str = "link";
+/// The `cls_bpf` filter's priority on the interface's ingress (first).
+pub const TC_PRIORITY: u16 = 1;
+/// The `cls_bpf` filter's handle.
+pub const TC_HANDLE: u32 = 0x7467;
 /// File name of the TC program pin.
 pub const PROG_PIN: &str = "prog";
 /// File name of the sk_lookup (netns) link pin.
@@ -41,7 +53,8 @@ pub const LOOKUP_PROG_PIN: &str = "lookup_prog";
 pub struct Filter {
     pin_dir: PathBuf,
     tables: Tables,
-    link: OwnedFd,
+    /// Where the TC filter is (None: its router namespace is gone).
+    site: Option<Site>,
     lookup_link: OwnedFd,
     net: SandboxNet,
     floor: CompiledFloor,
@@ -62,8 +75,8 @@ impl std::fmt::Debug for Filter {
 
 impl Filter {
     /// Loads the program with fresh maps, fills them (`net`, `floor`,
-    /// `policy`), attaches it with TCX at ingress of `ifname` — first in the
-    /// chain — inside the network namespace `netns` (e.g.
+    /// `policy`), attaches it at ingress of `ifname` — the first `cls_bpf`
+    /// filter — inside the network namespace `netns` (e.g.
     /// `/run/netns/<router ns>`), and pins maps, program and link under
     /// `pin_dir`. The caller's thread never changes namespace: the attach runs
     /// on a short-lived thread that enters `netns`.
@@ -99,18 +112,22 @@ impl Filter {
         }
         .run(&net_abi, &floor, &policy);
         match attached {
-            Ok((tables, link, lookup_link)) => Ok(Filter {
+            Ok((tables, lookup_link)) => Ok(Filter {
                 pin_dir: pin_dir.to_path_buf(),
                 tables,
-                link,
+                site: Some(Site {
+                    netns: netns.to_path_buf(),
+                    ifindex: net_abi.ifindex,
+                }),
                 lookup_link,
                 net: net.clone(),
                 floor,
                 policy,
             }),
             Err(e) => {
-                // Links die with their descriptors once unpinned: nothing
-                // stays attached.
+                // The sk_lookup link dies with its descriptor once unpinned;
+                // the TC filter, if it got attached, is deleted.
+                let _ = detach_tc(netns, net_abi.ifindex);
                 let _ = remove_pins(pin_dir);
                 Err(e)
             }
@@ -122,7 +139,8 @@ impl Filter {
     /// floor are read back from the maps.
     pub fn open_pinned(pin_dir: &Path) -> Result<Filter, EbpfError> {
         ensure_bpffs()?;
-        let link = open_link(&pin_dir.join(LINK_PIN))?;
+        // The marker: the TC filter was attached.
+        open_link(&pin_dir.join(LINK_PIN))?;
         let lookup_link = open_link(&pin_dir.join(LOOKUP_LINK_PIN))?;
         let tables = Tables::open_pinned(pin_dir)?;
         let net = tables.read_net()?;
@@ -133,10 +151,14 @@ impl Filter {
             });
         }
         let live = tables.read_generation(tables.active()?)?;
+        let site = netns_of_link(lookup_link.as_fd())?.map(|netns| Site {
+            netns,
+            ifindex: net.ifindex,
+        });
         Ok(Filter {
             pin_dir: pin_dir.to_path_buf(),
             tables,
-            link,
+            site,
             lookup_link,
             net: SandboxNet::from_abi(&net),
             floor: live.floor,
@@ -228,48 +250,118 @@ impl Filter {
         &self.pin_dir
     }
 
-    /// Detaches both programs (TCX link and netns link) and removes every
-    /// pin; programs and maps are freed once the last descriptor closes.
+    /// Detaches both programs (the TC filter and the netns link) and
+    /// removes every pin; programs and maps are freed once the last
+    /// descriptor closes. A router namespace that is already gone took the
+    /// filter with it.
     pub fn detach(self) -> Result<(), EbpfError> {
-        sys::link_detach(self.link.as_fd()).map_err(EbpfError::io("BPF_LINK_DETACH (tcx)"))?;
+        if let Some(site) = &self.site {
+            detach_tc(&site.netns, site.ifindex)?;
+        }
         sys::link_detach(self.lookup_link.as_fd())
             .map_err(EbpfError::io("BPF_LINK_DETACH (sk_lookup)"))?;
         remove_pins(&self.pin_dir)
     }
 
-    /// [`Filter::detach`] without an open filter: detaches the pinned links
-    /// (if any) and removes every pin and the directory. Idempotent; a
-    /// missing directory is fine.
+    /// [`Filter::detach`] without an open filter: detaches what the pins
+    /// name (if anything) and removes every pin and the directory.
+    /// Idempotent; a missing directory is fine.
     pub fn remove(pin_dir: &Path) -> Result<(), EbpfError> {
-        for name in [LINK_PIN, LOOKUP_LINK_PIN] {
-            let path = pin_dir.join(name);
-            match sys::obj_get(&path) {
-                Ok(link) => sys::link_detach(link.as_fd())
-                    .map_err(EbpfError::io(format!("BPF_LINK_DETACH {}", path.display())))?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(EbpfError::io(format!("opening {}", path.display()))(e)),
+        let lookup = pin_dir.join(LOOKUP_LINK_PIN);
+        match sys::obj_get(&lookup) {
+            Ok(link) => {
+                let netns = netns_of_link(link.as_fd())?;
+                let ifindex = Tables::open_pinned(pin_dir)
+                    .and_then(|t| t.read_net())
+                    .map(|n| n.ifindex);
+                if let (Some(netns), Ok(ifindex)) = (netns, ifindex) {
+                    detach_tc(&netns, ifindex)?;
+                }
+                sys::link_detach(link.as_fd()).map_err(EbpfError::io(format!(
+                    "BPF_LINK_DETACH {}",
+                    lookup.display()
+                )))?;
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(EbpfError::io(format!("opening {}", lookup.display()))(e)),
         }
         remove_pins(pin_dir)
     }
 }
 
-/// Names of the TCX ingress programs attached to `ifname` in the network
-/// namespace `netns`, in run order (a health check: tollgate's is
-/// [`abi::EGRESS_PROGRAM`]).
-pub fn tcx_ingress_programs(netns: &Path, ifname: &str) -> Result<Vec<String>, EbpfError> {
-    let (_, programs) = in_netns(netns, || {
-        SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
-    })?
-    .map_err(|source| EbpfError::Program {
-        step: format!("query TCX programs of {ifname}"),
-        source,
-    })?;
-    Ok(programs
-        .iter()
-        .map(|p| p.name_as_str().unwrap_or_default().to_owned())
-        .collect())
+/// Where a filter's TC program is attached.
+#[derive(Clone, Debug)]
+struct Site {
+    /// The router namespace (a path under `/run/netns`).
+    netns: PathBuf,
+    /// The interface's index inside it.
+    ifindex: u32,
 }
+
+/// Deletes tollgate's `cls_bpf` filter from ingress of interface `ifindex`
+/// in `netns`. A namespace, interface, qdisc or filter that is gone is fine:
+/// the filter went with it.
+fn detach_tc(netns: &Path, ifindex: u32) -> Result<(), EbpfError> {
+    if !netns.exists() {
+        return Ok(());
+    }
+    let step = format!("delete the TC filter in {}", netns.display());
+    in_netns(netns, || {
+        let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+            return Ok(());
+        };
+        let name = name.to_string_lossy().into_owned();
+        let link = match SchedClassifierLink::attached(
+            &name,
+            TcAttachType::Ingress,
+            TC_PRIORITY,
+            TcHandle::from(TC_HANDLE),
+            None,
+        ) {
+            Ok(l) => l,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENODEV) =>
+            {
+                return Ok(())
+            }
+            Err(e) => return Err(ProgramError::from(TcError::IoError(e))),
+        };
+        match link.detach() {
+            // ENOENT: no such filter; EINVAL: no clsact qdisc any more;
+            // ENODEV: no such interface any more.
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)
+                ) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    })?
+    .map_err(prog_err(&step))
+}
+
+/// The router namespace an sk_lookup link is attached to: the entry of
+/// `/run/netns` whose namespace is the link's. None when no entry names it
+/// (the namespace was deleted, or is not under `/run/netns`).
+fn netns_of_link(link: BorrowedFd<'_>) -> Result<Option<PathBuf>, EbpfError> {
+    use std::os::unix::fs::MetadataExt;
+    let ino =
+        sys::netns_link_ino(link).map_err(EbpfError::io("BPF_OBJ_GET_INFO_BY_FD (netns link)"))?;
+    let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {
+        return Ok(None);
+    };
+    Ok(dir
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == u64::from(ino))))
+}
+
+/// Where `ip netns` (and tollgate) name network namespaces.
+const NETNS_DIR: &str = "/run/netns";
 
 /// The steps of [`Filter::attach`] after validation; on error the caller
 /// removes whatever was pinned.
@@ -285,7 +377,7 @@ impl Attach<'_> {
         net: &abi::NetConfig,
         floor: &CompiledFloor,
         policy: &EgressPolicy,
-    ) -> Result<(Tables, OwnedFd, OwnedFd), EbpfError> {
+    ) -> Result<(Tables, OwnedFd), EbpfError> {
         let Self {
             pin_dir,
             netns,
@@ -320,27 +412,40 @@ impl Attach<'_> {
             .into();
         let lookup_link = pin_link(link, &pin_dir.join(LOOKUP_LINK_PIN))?;
 
-        // The TC program, first in the TCX chain, attached from a thread
-        // inside the router namespace (ifindex is namespace-relative).
+        // The TC program, the first cls_bpf filter at ingress, attached
+        // from a thread inside the router namespace (ifindex is
+        // namespace-relative).
         let prog: &mut SchedClassifier = program(&mut egress, abi::EGRESS_PROGRAM)?;
         prog.load().map_err(prog_err("load tc"))?;
         pin_prog(pin_dir.join(PROG_PIN), |p| prog.pin(p))?;
         let step = format!("attach to {ifname} in {}", netns.display());
-        let id = in_netns(netns, || {
-            prog.attach_with_options(
+        in_netns(netns, || {
+            match aya::programs::tc::qdisc_add_clsact(ifname) {
+                Ok(()) => {}
+                // Another user's clsact qdisc is as good as ours.
+                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(ProgramError::from(e)),
+            }
+            let id = prog.attach_with_options(
                 ifname,
                 TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: TC_PRIORITY,
+                    handle: TcHandle::from(TC_HANDLE),
+                    ..NlOptions::default()
+                }),
+            )?;
+            // The filter belongs to the interface from now on: dropping
+            // aya's handle would delete it, so the handle is let go
+            // (it holds no descriptor, only the interface, priority and
+            // handle that `detach_tc` uses).
+            std::mem::forget(prog.take_link(id)?);
+            Ok(())
         })?
         .map_err(prog_err(&step))?;
-        let link = prog.take_link(id).map_err(prog_err(&step))?;
-        let link: FdLink = link.try_into().map_err(|source| EbpfError::Link {
-            path: pin_dir.join(LINK_PIN),
-            source,
-        })?;
-        let link = pin_link(link, &pin_dir.join(LINK_PIN))?;
-        Ok((tables, link, lookup_link))
+        // Written last: the "attached" marker.
+        pin_prog(pin_dir.join(LINK_PIN), |p| prog.pin(p))?;
+        Ok((tables, lookup_link))
     }
 }
 

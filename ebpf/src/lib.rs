@@ -1,4 +1,4 @@
-//! tollgate's eBPF layer: a TC ingress program (TCX) on the guest-facing
+//! tollgate's eBPF layer: a TC ingress program (a `cls_bpf` filter) on the guest-facing
 //! interface of each sandbox's router namespace. It enforces the floor and
 //! `allow_cidrs`, steers TCP to the sandbox's proxy with `bpf_sk_assign`,
 //! and counts and reports every drop.
@@ -62,7 +62,7 @@ use std::path::Path;
 pub use error::EbpfError;
 pub use events::{AsyncEventReader, EventReader};
 pub use filter::{
-    tcx_ingress_programs, Filter, LINK_PIN, LOOKUP_LINK_PIN, LOOKUP_PROG_PIN, PROG_PIN,
+    Filter, LINK_PIN, LOOKUP_LINK_PIN, LOOKUP_PROG_PIN, PROG_PIN, TC_HANDLE, TC_PRIORITY,
 };
 pub use maps::PolicyMaps;
 pub use policy::{EgressPolicy, FloorSet, Mode, SandboxNet};

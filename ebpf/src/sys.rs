@@ -1,7 +1,7 @@
-//! The crate's only `unsafe`: `aya::Pod` for the ABI structs and the two
+//! The crate's only `unsafe`: `aya::Pod` for the ABI structs and the
 //! bpf(2) commands aya does not expose for links (`BPF_OBJ_GET` returning a
-//! plain descriptor, `BPF_LINK_DETACH`), and registering the event reader
-//! with tokio.
+//! plain descriptor, `BPF_LINK_DETACH`, a netns link's namespace from
+//! `BPF_OBJ_GET_INFO_BY_FD`), and registering the event reader with tokio.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -33,6 +33,32 @@ unsafe impl aya::Pod for RawEvent {}
 const BPF_OBJ_GET: libc::c_long = 7;
 /// `BPF_LINK_DETACH` from `enum bpf_cmd`.
 const BPF_LINK_DETACH: libc::c_long = 34;
+/// `BPF_OBJ_GET_INFO_BY_FD` from `enum bpf_cmd`.
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_LINK_TYPE_NETNS` from `enum bpf_link_type`.
+const BPF_LINK_TYPE_NETNS: u32 = 5;
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info` with its `netns` union member
+/// (`type`, `id`, `prog_id`, then the 8-aligned union), and room to spare:
+/// the kernel accepts a longer buffer whose tail is zero.
+#[repr(C, align(8))]
+struct LinkInfoNetns {
+    kind: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    netns_ino: u32,
+    attach_type: u32,
+    _rest: [u64; 12],
+}
 
 /// The `link_detach` member of `union bpf_attr`.
 #[repr(C)]
@@ -98,6 +124,47 @@ pub(crate) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// The inode of the network namespace a netns link (sk_lookup) is attached
+/// to; 0 once that namespace is gone.
+pub(crate) fn netns_link_ino(link: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = LinkInfoNetns {
+        kind: 0,
+        id: 0,
+        prog_id: 0,
+        _pad: 0,
+        netns_ino: 0,
+        attach_type: 0,
+        _rest: [0; 12],
+    };
+    let attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfoNetns>() as u32,
+        info: &mut info as *mut LinkInfoNetns as u64,
+    };
+    // SAFETY: bpf(BPF_OBJ_GET_INFO_BY_FD) reads `size_of::<InfoAttr>()`
+    // bytes from a live #[repr(C)] value and writes at most `info_len` bytes
+    // into `info`, a live, exclusively borrowed #[repr(C)] buffer of exactly
+    // that size made only of integers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            std::mem::size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if info.kind != BPF_LINK_TYPE_NETNS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("link type {} is not a netns link", info.kind),
+        ));
+    }
+    Ok(info.netns_ino)
 }
 
 /// Registers `reader` with the tokio reactor (must run inside a runtime).

@@ -6,7 +6,7 @@
 //! ```text
 //! sandbox ns  eth0 10.0.2.15/24 fd00:7467::15/64
 //!    │ veth
-//! router ns   tgs0 10.0.2.2/24 fd00:7467::2/64   ← the filter (TCX ingress)
+//! router ns   tgs0 10.0.2.2/24 fd00:7467::2/64   ← the filter (TC ingress)
 //!             up0 192.0.2.1/24 2001:db8:ffff::1/64 (the "host" address)
 //!             fwmark 0x1/0x1 → table 100: local 0/0 and ::/0 dev lo; forwarding
 //!    │ veth
@@ -637,9 +637,24 @@ impl Topo {
         run(&args);
     }
 
-    /// Names of the TCX ingress programs on the router's tgs0.
-    fn tcx_programs(&self) -> Vec<String> {
-        tollgate_ebpf::tcx_ingress_programs(&ns_path(&self.rtr), "tgs0").expect("query tcx")
+    /// Names of the BPF programs on the router's tgs0 at ingress, as
+    /// `tc filter show` lists them (`... bpf ... <name> direct-action ...`).
+    fn ingress_programs(&self) -> Vec<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", ns_path(&self.rtr).display()))
+            .args(["tc", "filter", "show", "dev", "tgs0", "ingress"])
+            .output()
+            .expect("run tc filter show");
+        assert!(out.status.success(), "tc filter show: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(" bpf ") && l.contains("direct-action"))
+            .filter_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let at = words.iter().position(|w| *w == "direct-action")?;
+                words.get(at.checked_sub(1)?).map(|w| (*w).to_string())
+            })
+            .collect()
     }
 }
 
@@ -1517,7 +1532,7 @@ fn pinned_filter_survives_restart_and_detaches() {
     ] {
         assert!(t.pin_dir.join(name).exists(), "{name} is pinned");
     }
-    assert_eq!(t.tcx_programs(), ["tg_egress"]);
+    assert_eq!(t.ingress_programs(), ["tg_egress"]);
     t.udp(v4(PUB4, 7301), b"allowed");
     t.udp(v4(PUB4_B, 7302), b"denied");
     assert!(wait_until(Duration::from_secs(3), || t
@@ -1562,7 +1577,7 @@ fn pinned_filter_survives_restart_and_detaches() {
 
     f.detach().expect("detach");
     assert!(!t.pin_dir.exists(), "pins left behind");
-    assert!(t.tcx_programs().is_empty(), "program still attached");
+    assert!(t.ingress_programs().is_empty(), "program still attached");
     assert!(matches!(
         Filter::open_pinned(&t.pin_dir),
         Err(tollgate_ebpf::EbpfError::Missing { .. })
@@ -1857,4 +1872,33 @@ fn a_whole_policy_written_into_fresh_maps_reads_back_and_a_rewrite_leaves_nothin
         "{:?}",
         read_policy.allow_v6
     );
+}
+
+/// After a restart, `Filter::remove` with nothing but the pin directory finds
+/// the router namespace and deletes the TC filter; a filter whose router
+/// namespace is gone is removed without error.
+#[test]
+fn remove_by_pins_alone_deletes_the_tc_filter() {
+    require_root();
+    let _g = serial();
+    let t = Topo::new(false);
+    let f = t.attach(&EgressPolicy::deny_all());
+    drop(f); // the daemon exits
+    assert_eq!(t.ingress_programs(), ["tg_egress"]);
+    Filter::remove(&t.pin_dir).expect("remove");
+    assert!(t.ingress_programs().is_empty(), "program still attached");
+    assert!(!t.pin_dir.exists(), "pins left behind");
+    // Without the program this topology forwards everything.
+    t.udp(v4(PUB4, 7401), b"unfiltered");
+    assert!(wait_until(Duration::from_secs(3), || t
+        .canary
+        .saw(|p| p.dport == 7401)));
+
+    // The interface goes first (a sandbox torn down while the daemon was
+    // away): the filter went with it; remove only unpins.
+    let f = t.attach(&EgressPolicy::deny_all());
+    drop(f);
+    ip(&t.rtr, "link del tgs0");
+    Filter::remove(&t.pin_dir).expect("remove after the link is gone");
+    assert!(!t.pin_dir.exists(), "pins left behind");
 }
