@@ -13,7 +13,6 @@
 //! `sudo -E env "PATH=$PATH" cargo bench -p tollgate-benches --bench ebpf_maps`
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ipnet::IpNet;
@@ -89,22 +88,9 @@ fn bench_update(c: &mut Criterion) {
     f.detach().expect("detach");
 }
 
-fn config() -> Criterion {
-    let quick = std::env::var_os("TOLLGATE_BENCH_QUICK").is_some_and(|v| v != "0");
-    let (warm, measure) = if quick {
-        (Duration::from_millis(300), Duration::from_millis(700))
-    } else {
-        (Duration::from_secs(1), Duration::from_secs(3))
-    };
-    Criterion::default()
-        .warm_up_time(warm)
-        .measurement_time(measure)
-        .sample_size(20)
-}
-
 criterion_group! {
     name = ebpf_maps;
-    config = config();
+    config = tollgate_benches::criterion_config(20);
     targets = bench_fresh, bench_update
 }
 criterion_main!(ebpf_maps);

@@ -15,7 +15,6 @@ use std::hint::black_box;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -204,22 +203,9 @@ fn bench_rewrite(c: &mut Criterion) {
     });
 }
 
-fn config() -> Criterion {
-    let quick = std::env::var_os("TOLLGATE_BENCH_QUICK").is_some_and(|v| v != "0");
-    let (warm, measure) = if quick {
-        (Duration::from_millis(300), Duration::from_millis(700))
-    } else {
-        (Duration::from_secs(1), Duration::from_secs(3))
-    };
-    Criterion::default()
-        .warm_up_time(warm)
-        .measurement_time(measure)
-        .sample_size(30)
-}
-
 criterion_group! {
     name = micro;
-    config = config();
+    config = tollgate_benches::criterion_config(30);
     targets = bench_decide, bench_hello, bench_leaf, bench_rewrite
 }
 criterion_main!(micro);

@@ -103,6 +103,29 @@ fn daemon_pid() -> Option<u32> {
     best
 }
 
+/// `n` rounds of [`resume_round`], each sandbox deleted after it: the ms to
+/// each 201 and the ms until each sandbox was reachable.
+fn resume_rounds(
+    d: &Daemon,
+    policy: &serde_json::Value,
+    n: usize,
+    label: &str,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut api, mut reach) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (answered, reached, id) = resume_round(d, policy, i);
+        eprintln!(
+            "{label} {}/{n}: 201 after {answered:.1} ms, reachable after {reached:.1} ms",
+            i + 1
+        );
+        api.push(answered);
+        reach.push(reached);
+        let (s, body) = call(d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
+        assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    }
+    (api, reach)
+}
+
 /// One resume with `policy`: (ms to the 201, ms until reachable, the id).
 fn resume_round(d: &Daemon, policy: &serde_json::Value, i: usize) -> (f64, f64, String) {
     let t0 = Instant::now();
@@ -144,18 +167,7 @@ fn main() {
     );
     assert_eq!(s, StatusCode::CREATED, "{body}");
     let policy = json!({"mode": "custom", "allow_cidrs": [format!("{PUBLIC4}/32")]});
-    let (mut api, mut reach) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let (answered, reached, id) = resume_round(&d, &policy, i);
-        eprintln!(
-            "resume {}/{n}: 201 after {answered:.1} ms, reachable after {reached:.1} ms",
-            i + 1
-        );
-        api.push(answered);
-        reach.push(reached);
-        let (s, body) = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
-        assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
-    }
+    let (api, reach) = resume_rounds(&d, &policy, n, "resume");
     // (g) K more sandboxes that stay idle.
     let pid = daemon_pid().expect("the daemon's process");
     std::thread::sleep(Duration::from_millis(300));
@@ -189,17 +201,7 @@ fn main() {
     );
     // (g) load on one sandbox while the others idle: the same resume →
     // reachable rounds with the K idle sandboxes up.
-    let mut reach_idle = Vec::new();
-    for i in 0..n {
-        let (_, reached, id) = resume_round(&d, &policy, i);
-        eprintln!(
-            "resume with {idle} idle {}/{n}: reachable after {reached:.1} ms",
-            i + 1
-        );
-        reach_idle.push(reached);
-        let (s, body) = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
-        assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
-    }
+    let (_, reach_idle) = resume_rounds(&d, &policy, n, &format!("resume with {idle} idle"));
     let peak = proc_kib(Some(pid), "VmHWM:");
     for id in &idle_ids {
         let _ = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);

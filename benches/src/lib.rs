@@ -288,6 +288,20 @@ pub fn quick() -> bool {
     std::env::var("TOLLGATE_BENCH_QUICK").is_ok_and(|v| v == "1")
 }
 
+/// The criterion settings of the micro benches: shorter warm-up and
+/// measurement with `TOLLGATE_BENCH_QUICK=1`, `samples` samples.
+pub fn criterion_config(samples: usize) -> criterion::Criterion {
+    let (warm, measure) = if quick() {
+        (Duration::from_millis(300), Duration::from_millis(700))
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(3))
+    };
+    criterion::Criterion::default()
+        .warm_up_time(warm)
+        .measurement_time(measure)
+        .sample_size(samples)
+}
+
 /// `TOLLGATE_BENCH_ROUNDS`, else `quick_default` / `full_default`.
 pub fn rounds(quick_default: usize, full_default: usize) -> usize {
     std::env::var("TOLLGATE_BENCH_ROUNDS")
