@@ -616,9 +616,12 @@ fn bulk_figures(
     }
     for relay in [main, main.other()] {
         figures.push(Figure {
-            name: format!("{topo}_{tag}_bulk_proxy_cpu_per_gib_{}", relay.tag()),
+            name: format!(
+                "{topo}_{tag}_bulk_proxy_cpu_per_gib_{} (direct: origin's)",
+                relay.tag()
+            ),
             value: med(&runs[&Path::Tunnel(relay)], |s| s.proxy_cpu / gib),
-            baseline: None,
+            baseline: Some(med(direct, |s| s.origin_cpu / gib)),
             unit: "CPU s/GiB",
             target: Target::Report,
         });
@@ -685,9 +688,9 @@ fn connection_figures(
             target: Target::MinRatio(0.7),
         },
         Figure {
-            name: format!("{topo}_tls_new_connection_proxy_cpu"),
+            name: format!("{topo}_tls_new_connection_proxy_cpu (direct: origin's)"),
             value: med(tunnel, |s| us(s.proxy_cpu)),
-            baseline: None,
+            baseline: Some(med(direct, |s| us(s.origin_cpu))),
             unit: "CPU µs/conn",
             target: Target::Report,
         },
