@@ -82,8 +82,8 @@ impl Filter {
     /// on a short-lived thread that enters `netns`.
     ///
     /// Fails with [`EbpfError::AlreadyAttached`] when `pin_dir` already holds
-    /// a filter; leftovers of an interrupted attach (pins without a link) are
-    /// removed. TCP is dropped (`drop_no_listener`) until
+    /// a filter; leftovers of an interrupted attach (pins without the marker,
+    /// a TC filter without pins) are removed. TCP is dropped (`drop_no_listener`) until
     /// [`Filter::set_listeners`] registers the proxy.
     pub fn attach(
         pin_dir: &Path,
@@ -306,42 +306,37 @@ fn detach_tc(netns: &Path, ifindex: u32) -> Result<(), EbpfError> {
         return Ok(());
     }
     let step = format!("delete the TC filter in {}", netns.display());
-    in_netns(netns, || {
-        let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
-            return Ok(());
-        };
-        let name = name.to_string_lossy().into_owned();
-        let link = match SchedClassifierLink::attached(
-            &name,
-            TcAttachType::Ingress,
-            TC_PRIORITY,
-            TcHandle::from(TC_HANDLE),
-            None,
-        ) {
-            Ok(l) => l,
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::ENODEV) =>
-            {
-                return Ok(())
-            }
-            Err(e) => return Err(ProgramError::from(TcError::IoError(e))),
-        };
-        match link.detach() {
-            // ENOENT: no such filter; EINVAL: no clsact qdisc any more;
-            // ENODEV: no such interface any more.
-            Err(ProgramError::TcError(TcError::NetlinkError(e)))
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)
-                ) =>
-            {
-                Ok(())
-            }
-            other => other,
-        }
+    in_netns(netns, || match nix::net::if_::if_indextoname(ifindex) {
+        Ok(name) => delete_filter_here(&name.to_string_lossy()),
+        Err(_) => Ok(()),
     })?
     .map_err(prog_err(&step))
+}
+
+/// Deletes tollgate's `cls_bpf` filter from ingress of `ifname` in the
+/// calling thread's network namespace; one that is not there is fine.
+fn delete_filter_here(ifname: &str) -> Result<(), ProgramError> {
+    let link = match SchedClassifierLink::attached(
+        ifname,
+        TcAttachType::Ingress,
+        TC_PRIORITY,
+        TcHandle::from(TC_HANDLE),
+        None,
+    ) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) => {
+            return Ok(())
+        }
+        Err(e) => return Err(ProgramError::from(TcError::IoError(e))),
+    };
+    // ENOENT: no such filter; EINVAL: no clsact qdisc (any more); ENODEV: no
+    // such interface any more.
+    let gone = |code: Option<i32>| matches!(code, Some(libc::ENOENT | libc::EINVAL | libc::ENODEV));
+    match link.detach() {
+        Err(ProgramError::NetlinkError(e)) if gone(e.raw_os_error()) => Ok(()),
+        Err(ProgramError::TcError(TcError::NetlinkError(e))) if gone(e.raw_os_error()) => Ok(()),
+        other => other,
+    }
 }
 
 /// The router namespace an sk_lookup link is attached to: the entry of
@@ -420,6 +415,11 @@ impl Attach<'_> {
         pin_prog(pin_dir.join(PROG_PIN), |p| prog.pin(p))?;
         let step = format!("attach to {ifname} in {}", netns.display());
         in_netns(netns, || {
+            // A filter at tollgate's priority and handle while the pin
+            // directory was not complete is a leftover of an interrupted
+            // attach (or of pins lost while the interface lived on): it goes,
+            // or the new filter could not be added.
+            delete_filter_here(ifname)?;
             match aya::programs::tc::qdisc_add_clsact(ifname) {
                 Ok(()) => {}
                 // Another user's clsact qdisc is as good as ours.

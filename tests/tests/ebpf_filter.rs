@@ -1902,3 +1902,25 @@ fn remove_by_pins_alone_deletes_the_tc_filter() {
     Filter::remove(&t.pin_dir).expect("remove after the link is gone");
     assert!(!t.pin_dir.exists(), "pins left behind");
 }
+
+/// Pins lost while the interface lived on (or an attach interrupted after
+/// the filter went in): a new attach replaces the leftover filter instead of
+/// failing, and exactly one filter enforces the new policy.
+#[test]
+fn attach_replaces_a_leftover_filter_without_pins() {
+    require_root();
+    let _g = serial();
+    let t = Topo::new(false);
+    let f = t.attach(&EgressPolicy::deny_all());
+    drop(f);
+    std::fs::remove_dir_all(&t.pin_dir).expect("lose the pins");
+    assert_eq!(t.ingress_programs(), ["tg_egress"], "the leftover enforces");
+    let f = t.attach(&EgressPolicy::new(Mode::Custom).with_allow([net("198.51.100.10/32")]));
+    assert_eq!(t.ingress_programs(), ["tg_egress"], "one filter, not two");
+    t.udp(v4(PUB4, 7501), b"allowed by the new policy");
+    assert!(wait_until(Duration::from_secs(3), || t
+        .canary
+        .saw(|p| p.dport == 7501)));
+    f.detach().expect("detach");
+    assert!(t.ingress_programs().is_empty());
+}
