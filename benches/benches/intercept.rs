@@ -298,6 +298,14 @@ impl Http {
             Self::H2 => "h2",
         }
     }
+
+    /// The keep-alive load's shape, as figure names carry it.
+    fn shape(self) -> String {
+        match self {
+            Self::H1 => format!("c{H1_CONNS}"),
+            Self::H2 => format!("{H2_CONNS}x{H2_STREAMS}"),
+        }
+    }
 }
 
 /// One client connection.
@@ -447,6 +455,20 @@ impl Run {
     /// CPU milliseconds per 1,000 ops of `cpu` seconds.
     fn per_1k(&self, cpu: f64) -> f64 {
         cpu / self.ops as f64 * 1e6
+    }
+
+    /// The progress line of a run: its rate of `op`s and where the CPU went
+    /// per 1,000 of them, with `prec` decimals.
+    fn progress(&self, op: &str, prec: usize) -> String {
+        let s = &self.sample;
+        format!(
+            "{:.0} {op}/s (CPU ms/1k {op} client {:.prec$} origin {:.prec$} proxy {:.prec$} process {:.prec$})",
+            self.rate(),
+            self.per_1k(s.client_cpu),
+            self.per_1k(s.origin_cpu),
+            self.per_1k(s.proxy_cpu),
+            self.per_1k(s.process_cpu)
+        )
     }
 }
 
@@ -755,10 +777,7 @@ fn request_figures(
     rounds: usize,
 ) -> Vec<Figure> {
     let h = http.tag();
-    let shape = match http {
-        Http::H1 => format!("c{H1_CONNS}"),
-        Http::H2 => format!("{H2_CONNS}x{H2_STREAMS}"),
-    };
+    let shape = http.shape();
     let label = format!("loopback {h} keep-alive requests {shape}");
     eprintln!(
         "{BENCH}: {label}: {}, {:.1} s per run, direct vs intercept ({rounds} rounds) ...",
@@ -776,38 +795,50 @@ fn request_figures(
         &PATHS,
         |p| rig.requests(p, http, dur),
         Run::rate,
-        |r| {
-            format!(
-                "{:.0} req/s (CPU ms/1k req client {:.1} origin {:.1} proxy {:.1} process {:.1})",
-                r.rate(),
-                r.per_1k(r.sample.client_cpu),
-                r.per_1k(r.sample.origin_cpu),
-                r.per_1k(r.sample.proxy_cpu),
-                r.per_1k(r.sample.process_cpu)
-            )
-        },
+        |r| r.progress("req", 1),
     );
     let (direct, icpt) = (&runs[&Path::Direct], &runs[&Path::Intercept]);
-    vec![
+    vec![Figure {
+        name: format!("loopback_intercept_{h}_requests_per_s_{shape}"),
+        value: med(icpt, Run::rate),
+        baseline: Some(med(direct, Run::rate)),
+        unit: "req/s",
+        target: Target::MinRatio(0.5),
+    }]
+    .into_iter()
+    .chain(cpu_figures(
+        direct,
+        icpt,
+        &format!("loopback_intercept_{h}"),
+        "requests",
+        "CPU ms/1k req",
+    ))
+    .collect()
+}
+
+/// (f) The proxy's CPU per 1,000 ops against the origin's own for the same
+/// direct work (target ≤ 1.5×), and the whole process's, intercept against
+/// direct.
+fn cpu_figures(
+    direct: &[Run],
+    icpt: &[Run],
+    prefix: &str,
+    ops: &str,
+    unit: &'static str,
+) -> [Figure; 2] {
+    [
         Figure {
-            name: format!("loopback_intercept_{h}_requests_per_s_{shape}"),
-            value: med(icpt, Run::rate),
-            baseline: Some(med(direct, Run::rate)),
-            unit: "req/s",
-            target: Target::MinRatio(0.5),
-        },
-        Figure {
-            name: format!("loopback_intercept_{h}_proxy_cpu_per_1k_requests (direct: origin's)"),
+            name: format!("{prefix}_proxy_cpu_per_1k_{ops} (direct: origin's)"),
             value: med(icpt, |r| r.per_1k(r.sample.proxy_cpu)),
             baseline: Some(med(direct, |r| r.per_1k(r.sample.origin_cpu))),
-            unit: "CPU ms/1k req",
+            unit,
             target: Target::MaxRatio(1.5),
         },
         Figure {
-            name: format!("loopback_intercept_{h}_process_cpu_per_1k_requests (lower is better)"),
+            name: format!("{prefix}_process_cpu_per_1k_{ops} (lower is better)"),
             value: med(icpt, |r| r.per_1k(r.sample.process_cpu)),
             baseline: Some(med(direct, |r| r.per_1k(r.sample.process_cpu))),
-            unit: "CPU ms/1k req",
+            unit,
             target: Target::Report,
         },
     ]
@@ -872,10 +903,7 @@ fn tunnel_request_figures(
     rounds: usize,
 ) -> Vec<Figure> {
     let h = http.tag();
-    let shape = match http {
-        Http::H1 => format!("c{H1_CONNS}"),
-        Http::H2 => format!("{H2_CONNS}x{H2_STREAMS}"),
-    };
+    let shape = http.shape();
     let label = format!("loopback {h} keep-alive requests {shape} through a tunnel");
     eprintln!("{BENCH}: {label}: direct vs tunnel ({rounds} rounds) ...");
     let runs = interleaved(
@@ -917,16 +945,7 @@ fn connection_figures(
         &PATHS,
         |p| rig.connections(p, dur),
         Run::rate,
-        |r| {
-            format!(
-                "{:.0} conn/s (CPU ms/1k conn client {:.0} origin {:.0} proxy {:.0} process {:.0})",
-                r.rate(),
-                r.per_1k(r.sample.client_cpu),
-                r.per_1k(r.sample.origin_cpu),
-                r.per_1k(r.sample.proxy_cpu),
-                r.per_1k(r.sample.process_cpu)
-            )
-        },
+        |r| r.progress("conn", 0),
     );
     let (direct, icpt) = (&runs[&Path::Direct], &runs[&Path::Intercept]);
     let name = format!("loopback_intercept_new_connections_per_s_c{NEW_CONNS}");
@@ -940,24 +959,16 @@ fn connection_figures(
         unit: "conn/s",
         target,
     };
-    vec![
-        rate(Target::MinRatio(0.4)),
-        rate(Target::MinRatio(0.5)),
-        Figure {
-            name: "loopback_intercept_proxy_cpu_per_1k_connections (direct: origin's)".into(),
-            value: med(icpt, |r| r.per_1k(r.sample.proxy_cpu)),
-            baseline: Some(med(direct, |r| r.per_1k(r.sample.origin_cpu))),
-            unit: "CPU ms/1k conn",
-            target: Target::MaxRatio(1.5),
-        },
-        Figure {
-            name: "loopback_intercept_process_cpu_per_1k_connections (lower is better)".into(),
-            value: med(icpt, |r| r.per_1k(r.sample.process_cpu)),
-            baseline: Some(med(direct, |r| r.per_1k(r.sample.process_cpu))),
-            unit: "CPU ms/1k conn",
-            target: Target::Report,
-        },
-    ]
+    [rate(Target::MinRatio(0.4)), rate(Target::MinRatio(0.5))]
+        .into_iter()
+        .chain(cpu_figures(
+            direct,
+            icpt,
+            "loopback_intercept",
+            "connections",
+            "CPU ms/1k conn",
+        ))
+        .collect()
 }
 
 fn bulk_figures(

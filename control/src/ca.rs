@@ -110,14 +110,7 @@ impl CaStore {
 
     /// The directory of sandbox `id`'s CA.
     pub fn dir(&self, id: &str) -> Result<PathBuf, CaStoreError> {
-        let ok = !id.is_empty()
-            && id.len() <= 128
-            && id != "."
-            && id != ".."
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !ok {
+        if !crate::validate::is_path_component(id, 128) {
             return Err(CaStoreError::BadId(id.to_string()));
         }
         Ok(self.root.join(id))

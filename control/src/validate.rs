@@ -587,3 +587,15 @@ fn percent_decode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether `s` is safe as one file-name component (a sandbox id or a
+/// namespace name under a directory tollgate owns): 1 to `max_len` bytes of
+/// ASCII letters, digits, `-`, `_` and `.`, and neither `.` nor `..`.
+pub fn is_path_component(s: &str, max_len: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max_len
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}

@@ -389,6 +389,18 @@ impl Daemon {
     }
 
     /// Deletes every sandbox of both test organizations.
+    /// `DELETE /v1/sandbox/{id}/` with the default organization's key,
+    /// checked against the API contract like every [`Daemon::call`].
+    pub fn delete_sandbox(&mut self, id: &str) -> Answer {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/sandbox/{id}/"),
+            "/v1/sandbox/{id}/",
+            KEY_DEFAULT,
+            None,
+        )
+    }
+
     pub fn delete_all(&self) {
         for key in [KEY_DEFAULT, KEY_OTHER] {
             let Ok(a) = self.call_raw(Method::GET, "/v1/sandboxes?page-size=100", Some(key), None)

@@ -114,11 +114,7 @@ impl Exchange {
 
     /// Every value of header `name`, in order.
     pub fn header_all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        values_of(&self.headers, name)
     }
 
     /// The body as (lossy) text.
@@ -309,4 +305,13 @@ async fn exchange(
         body,
         trailers,
     })
+}
+
+/// Every value of header `name` (case-insensitive) in `headers`, in order.
+pub fn values_of<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
 }

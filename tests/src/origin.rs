@@ -177,11 +177,7 @@ impl RequestRecord {
 
     /// Every value of header `name` (case-insensitive), in order.
     pub fn header_all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        crate::http_client::values_of(&self.headers, name)
     }
 
     /// First value of trailer `name` (case-insensitive).

@@ -544,13 +544,7 @@ fn lifecycle_snapshot_resume_policy_and_redaction() {
     );
 
     for sid in [&first, &id] {
-        let r = d.call(
-            Method::DELETE,
-            &format!("/v1/sandbox/{sid}/"),
-            "/v1/sandbox/{id}/",
-            KEY_DEFAULT,
-            None,
-        );
+        let r = d.delete_sandbox(sid);
         assert_eq!(r.status, StatusCode::NO_CONTENT);
     }
     let r = d.call(
@@ -923,13 +917,7 @@ fn sandbox_ca_is_served_trusted_inside_kept_across_restarts_and_removed() {
 
     // DELETE removes the key, the certificate and the sandbox's bundle.
     for sid in [&id, &denied] {
-        let r = d.call(
-            Method::DELETE,
-            &format!("/v1/sandbox/{sid}/"),
-            "/v1/sandbox/{id}/",
-            KEY_DEFAULT,
-            None,
-        );
+        let r = d.delete_sandbox(sid);
         assert_eq!(r.status, StatusCode::NO_CONTENT);
         assert!(
             !d.state_dir.join("ca").join(sid).exists(),

@@ -340,13 +340,7 @@ fn quic_to_an_allowed_name_is_dropped_and_tcp_works() {
             Hello::Normal,
         );
         assert!(o.ok, "TCP fallback failed: {o:?}");
-        let del = w.d.call(
-            Method::DELETE,
-            &format!("/v1/sandbox/{id}/"),
-            "/v1/sandbox/{id}/",
-            KEY_DEFAULT,
-            None,
-        );
+        let del = w.d.delete_sandbox(&id);
         assert_eq!(del.status, StatusCode::NO_CONTENT);
     }
 }

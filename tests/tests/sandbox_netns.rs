@@ -178,13 +178,7 @@ fn resume_exec_shows_own_namespace_and_address_and_delete_leaves_nothing() {
         "sandbox process not found"
     );
 
-    let del = d.call(
-        Method::DELETE,
-        &format!("/v1/sandbox/{id}/"),
-        "/v1/sandbox/{id}/",
-        KEY_DEFAULT,
-        None,
-    );
+    let del = d.delete_sandbox(&id);
     assert_eq!(del.status, StatusCode::NO_CONTENT);
     assert!(
         !std::path::Path::new(&ns_file).exists(),
@@ -288,12 +282,6 @@ fn restart_keeps_every_object_and_reports_lost_sandboxes() {
         before_links,
         "lost sandbox's link not released"
     );
-    let del = d.call(
-        Method::DELETE,
-        &format!("/v1/sandbox/{id}/"),
-        "/v1/sandbox/{id}/",
-        KEY_DEFAULT,
-        None,
-    );
+    let del = d.delete_sandbox(&id);
     assert_eq!(del.status, StatusCode::NO_CONTENT);
 }

@@ -28,14 +28,7 @@ pub fn netns_path(name: &str) -> PathBuf {
 }
 
 pub(super) fn validate_netns_name(name: &str) -> Result<(), NetError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
+    if crate::validate::is_path_component(name, 200) {
         Ok(())
     } else {
         Err(NetError::Name(format!("network namespace name {name:?}")))

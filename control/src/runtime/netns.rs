@@ -437,13 +437,7 @@ impl NetnsRuntime {
         let Some(root) = &self.config.files_dir else {
             return Ok(None);
         };
-        let ok = !id.is_empty()
-            && id != "."
-            && id != ".."
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !ok {
+        if !crate::validate::is_path_component(id, usize::MAX) {
             return Err(RuntimeError::Process(format!("invalid sandbox id {id:?}")));
         }
         Ok(Some(root.join(id)))

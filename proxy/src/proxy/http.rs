@@ -302,22 +302,41 @@ impl HttpConn {
     fn spawn_websocket(self: &Arc<Self>, down: OnUpgrade, up: OnUpgrade) {
         self.handle.mark_tunnel();
         let ctx = Arc::clone(self);
-        tokio::spawn(async move {
-            let both = tokio::time::timeout(UPGRADE_WAIT, async { tokio::try_join!(down, up) });
-            let (down, up) = match both.await {
-                Ok(Ok(pair)) => pair,
-                _ => return,
-            };
-            let mut down = TokioIo::new(down);
-            let mut up = TokioIo::new(up);
-            let idle = ctx.proxy.cfg.idle_timeout;
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                _ = ctx.handle.closed() => {}
-                () = ctx.activity.idle_for(idle) => {}
-            }
-        });
+        spawn_upgraded_relay(
+            down,
+            up,
+            Arc::clone(&self.activity),
+            self.proxy.cfg.idle_timeout,
+            async move {
+                ctx.handle.closed().await;
+            },
+        );
     }
+}
+
+/// Relays an upgraded connection (both sides' `OnUpgrade`, completed within
+/// [`UPGRADE_WAIT`]) both ways until either side closes, no byte moves for
+/// `idle`, or `closed` completes (the connection's verdict changed).
+pub(super) fn spawn_upgraded_relay(
+    down: OnUpgrade,
+    up: OnUpgrade,
+    activity: Arc<Activity>,
+    idle: Duration,
+    closed: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let both = tokio::time::timeout(UPGRADE_WAIT, async { tokio::try_join!(down, up) });
+        let Ok(Ok((down, up))) = both.await else {
+            return;
+        };
+        let mut down = TokioIo::new(down);
+        let mut up = TokioIo::new(up);
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+            () = closed => {}
+            () = activity.idle_for(idle) => {}
+        }
+    });
 }
 
 impl Drop for HttpConn {

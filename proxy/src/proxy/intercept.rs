@@ -75,8 +75,6 @@ pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
 
 /// Most concurrent HTTP/2 streams a sandbox may open per connection.
 const MAX_STREAMS: u32 = 100;
-/// Bound on completing both sides of a WebSocket upgrade after the 101.
-const UPGRADE_WAIT: Duration = Duration::from_secs(10);
 /// How long a request waits for its connection's own HTTP/1.1 upstream
 /// connection to finish the previous exchange (it normally has: the
 /// response was read to its end) before it goes back to the shared pool
@@ -700,20 +698,15 @@ impl Conn {
     fn spawn_upgraded(self: &Arc<Self>, down: OnUpgrade, up: OnUpgrade) {
         self.handle.mark_tunnel();
         let ctx = Arc::clone(self);
-        tokio::spawn(async move {
-            let both = tokio::time::timeout(UPGRADE_WAIT, async { tokio::try_join!(down, up) });
-            let Ok(Ok((down, up))) = both.await else {
-                return;
-            };
-            let mut down = TokioIo::new(down);
-            let mut up = TokioIo::new(up);
-            let idle = ctx.proxy.cfg.idle_timeout;
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                _ = ctx.handle.closed() => {}
-                () = ctx.activity.idle_for(idle) => {}
-            }
-        });
+        super::http::spawn_upgraded_relay(
+            down,
+            up,
+            Arc::clone(&self.activity),
+            self.proxy.cfg.idle_timeout,
+            async move {
+                ctx.handle.closed().await;
+            },
+        );
     }
 }
 
