@@ -44,6 +44,12 @@
 //! bulk figures for an opaque (non-TLS) TCP stream through an `allow-all`
 //! proxy, for information.
 //!
+//! On loopback a **bare relay** ([`bare_relay`]: blocking threads, splice,
+//! no peek, no policy, no runtime) is measured on the same bulk streams: what
+//! any user-space relay costs here, since every relay adds a second TCP
+//! connection whose kernel work runs on these same cores. The tunnel is
+//! reported against it too (`(direct: bare relay)`).
+//!
 //! Everything shares the same cores: the throughput ratio is the share of
 //! the machine the relay takes from both endpoints, not a ceiling of the
 //! relay itself (that is about `1 / proxy CPU s/GiB` GiB/s per core).
@@ -54,7 +60,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -176,6 +182,65 @@ async fn transparent_listener(proxy: Arc<SandboxProxy>) -> OwnedFd {
     fd
 }
 
+// === the bare relay ===
+
+/// A relay with nothing but the moving of bytes: blocking threads, one per
+/// direction, `splice(2)` through a 256 KiB pipe (as the proxy's), no peek,
+/// no policy, no async runtime. It is what any user-space relay costs on
+/// this machine (a second TCP connection and two splices per chunk), so
+/// the proxy's tunnel is measured against it as well as against direct.
+/// Loopback only. Its threads end with their connection, so its CPU is
+/// read as what the process spent beyond the registered threads
+/// ([`Sample::proxy_cpu`] is fixed up in [`Rig::bulk`]).
+fn bare_relay(origin: SocketAddr) -> SocketAddr {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind bare relay");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for down in l.incoming() {
+            let Ok(down) = down else { return };
+            std::thread::spawn(move || {
+                let Ok(up) = std::net::TcpStream::connect(origin) else {
+                    return;
+                };
+                let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
+                    return;
+                };
+                let outbound = std::thread::spawn(move || splice_to_end(&down2, &up2));
+                let inbound = splice_to_end(&up, &down);
+                let outbound = outbound.join();
+                if let Err(e) = inbound {
+                    eprintln!("tunnel: bare relay inbound: {e}");
+                }
+                if let Ok(Err(e)) = outbound {
+                    eprintln!("tunnel: bare relay outbound: {e}");
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Blocking `src` → pipe → `dst` until end-of-stream, then `SHUT_WR` on `dst`.
+fn splice_to_end(src: &std::net::TcpStream, dst: &std::net::TcpStream) -> io::Result<()> {
+    use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(256 * 1024))?;
+    loop {
+        let n = splice(src, None, &w, None, 1 << 20, SpliceFFlags::SPLICE_F_MOVE)?;
+        if n == 0 {
+            return dst.shutdown(std::net::Shutdown::Write);
+        }
+        let mut left = n;
+        while left > 0 {
+            let m = splice(&r, None, dst, None, left, SpliceFFlags::SPLICE_F_MOVE)?;
+            if m == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            left -= m.min(left);
+        }
+    }
+}
+
 // === the rig ===
 
 /// Where the three parties live.
@@ -200,6 +265,8 @@ enum Relay {
 enum Path {
     Direct,
     Tunnel(Relay),
+    /// [`bare_relay`]: the floor of a user-space relay (loopback only).
+    Bare,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -281,6 +348,7 @@ impl Tag for Path {
         match *self {
             Self::Direct => "direct".into(),
             Self::Tunnel(r) => format!("tunnel/{}", r.tag()),
+            Self::Bare => "bare_relay".into(),
         }
     }
 }
@@ -349,6 +417,13 @@ impl Rig {
                     let tcp_proxy = proxy("tcp", policy(all, Floor::none_for_tests()));
                     let addr = on(&proxy_rt, loopback_listener(tcp_proxy, origin_tcp));
                     targets.insert((Path::Tunnel(relay), Proto::Tcp), addr);
+                    if relay == Relay::Splice {
+                        for (proto, origin) in [(Proto::Tls, origin_tls), (Proto::Tcp, origin_tcp)]
+                        {
+                            let bare = bare_relay(origin);
+                            targets.insert((Path::Bare, proto), bare);
+                        }
+                    }
                 }
                 Topology::Netns => {
                     // As the daemon compiles it: the platform floor, the
@@ -457,7 +532,7 @@ impl Rig {
     fn bulk(&self, path: Path, proto: Proto, bytes: u64) -> Sample {
         let to = self.target(path, proto);
         let cfg = Arc::clone(&self.client_tls);
-        self.measure(&format!("{proto:?} bulk {}", path.tag()), async move {
+        let mut sample = self.measure(&format!("{proto:?} bulk {}", path.tag()), async move {
             let mut buf = vec![0u8; CHUNK];
             let fetch = fetch(cfg, proto, to, bytes, &mut buf);
             let (got, secs) = tokio::time::timeout(BULK_BOUND, fetch)
@@ -467,7 +542,13 @@ impl Rig {
                 return Err(format!("received {got} of {bytes} bytes").into());
             }
             Ok(secs)
-        })
+        });
+        if path == Path::Bare {
+            // Its threads are not registered: the rest of the process's.
+            let s = &mut sample;
+            s.proxy_cpu = (s.process_cpu - s.client_cpu - s.origin_cpu - s.proxy_cpu).max(0.0);
+        }
+        sample
     }
 
     /// `total` small TLS exchanges, each on a new connection, by
@@ -578,7 +659,11 @@ fn bulk_figures(
     let gib = bytes as f64 / GIB;
     let mibps = move |s: &Sample| bytes as f64 / MIB / s.secs;
     let main = Relay::default_mode();
-    let paths = [Path::Direct, Path::Tunnel(main), Path::Tunnel(main.other())];
+    let mut paths = vec![Path::Direct, Path::Tunnel(main), Path::Tunnel(main.other())];
+    let bare = rig.targets.contains_key(&(Path::Bare, proto));
+    if bare {
+        paths.push(Path::Bare);
+    }
     let runs = interleaved(
         "tunnel",
         notes,
@@ -612,6 +697,33 @@ fn bulk_figures(
             } else {
                 Target::Report
             },
+        });
+    }
+    if bare {
+        let b = &runs[&Path::Bare];
+        figures.push(Figure {
+            name: format!("{topo}_{tag}_bulk_throughput_{size}_bare_relay"),
+            value: med(b, mibps),
+            baseline: Some(med(direct, mibps)),
+            unit: "MiB/s",
+            target: Target::Report,
+        });
+        figures.push(Figure {
+            name: format!(
+                "{topo}_{tag}_bulk_throughput_{size}_{} (direct: bare relay)",
+                main.tag()
+            ),
+            value: med(&runs[&Path::Tunnel(main)], mibps),
+            baseline: Some(med(b, mibps)),
+            unit: "MiB/s",
+            target: Target::Report,
+        });
+        figures.push(Figure {
+            name: format!("{topo}_{tag}_bulk_bare_relay_cpu_per_gib (direct: origin's)"),
+            value: med(b, |s| s.proxy_cpu / gib),
+            baseline: Some(med(direct, |s| s.origin_cpu / gib)),
+            unit: "CPU s/GiB",
+            target: Target::Report,
         });
     }
     for relay in [main, main.other()] {
@@ -722,6 +834,9 @@ fn scenarios(
             rig.bulk(p, Proto::Tcp, 32 << 20);
         }
         rig.connections(p, 100);
+    }
+    if topology == Topology::Loopback {
+        rig.bulk(Path::Bare, Proto::Tls, 32 << 20);
     }
     let mut figures = bulk_figures(notes, &rig, Proto::Tls, bytes, rounds);
     figures.extend(connection_figures(notes, &rig, conns, rounds));
