@@ -252,6 +252,90 @@ async fn origin(server: Arc<rustls::ServerConfig>, seen: Arc<Seen>) -> SocketAdd
     addr
 }
 
+// === the bare proxy ===
+
+/// A proxy that terminates TLS and HTTP and re-originates them, and does
+/// nothing else: the origin's own certificate (no leaf minted), one
+/// upstream connection per client connection in the client's protocol
+/// (no pool), the request and the response passed through as hyper hands
+/// them over (no policy, no header rewrite, no scrubbing). What any
+/// terminating proxy built on hyper and rustls costs here, so interception
+/// is measured against it as well as against direct. Served on the
+/// current runtime (the proxy's).
+async fn bare_proxy(
+    server: Arc<rustls::ServerConfig>,
+    upstream: HashMap<Http, Arc<rustls::ClientConfig>>,
+    origin: SocketAddr,
+) -> SocketAddr {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind bare proxy");
+    let addr = l.local_addr().expect("addr");
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let upstream = Arc::new(upstream);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (acceptor, upstream) = (acceptor.clone(), Arc::clone(&upstream));
+            tokio::spawn(async move {
+                if let Err(e) = bare_connection(s, acceptor, &upstream, origin).await {
+                    eprintln!("{BENCH}: bare proxy: {e}");
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One client connection of [`bare_proxy`].
+async fn bare_connection(
+    s: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    upstream: &HashMap<Http, Arc<rustls::ClientConfig>>,
+    origin: SocketAddr,
+) -> Result<(), BoxError> {
+    s.set_nodelay(true)?;
+    let down = acceptor.accept(s).await?;
+    let http = match down.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Http::H2,
+        _ => Http::H1,
+    };
+    let up = TcpStream::connect(origin).await?;
+    up.set_nodelay(true)?;
+    let up = tokio_rustls::TlsConnector::from(Arc::clone(&upstream[&http]))
+        .connect(ServerName::try_from(NAME)?, up)
+        .await?;
+    let (up, down) = (TokioIo::new(up), TokioIo::new(down));
+    match http {
+        Http::H1 => {
+            let (send, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(up).await?;
+            tokio::spawn(conn);
+            // One request at a time on an HTTP/1.1 connection.
+            let send = Arc::new(tokio::sync::Mutex::new(send));
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let send = Arc::clone(&send);
+                async move { send.lock().await.send_request(req).await }
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(down, svc)
+                .await?;
+        }
+        Http::H2 => {
+            let (send, conn) =
+                hyper::client::conn::http2::handshake::<_, _, Incoming>(TokioExecutor::new(), up)
+                    .await?;
+            tokio::spawn(conn);
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let mut send = send.clone();
+                async move { send.send_request(req).await }
+            });
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(down, svc)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 // === clients ===
 
 /// Which way the client goes.
@@ -264,6 +348,9 @@ enum Path {
     /// Client → proxy (an allowed name without a transform: an opaque
     /// tunnel, the origin's own certificate) → origin.
     Tunnel,
+    /// Client → [`bare_proxy`] (terminates and re-originates, nothing
+    /// else) → origin.
+    Bare,
 }
 
 impl Tag for Path {
@@ -272,6 +359,7 @@ impl Tag for Path {
             Self::Direct => "direct",
             Self::Intercept => "intercept",
             Self::Tunnel => "tunnel",
+            Self::Bare => "bare_proxy",
         }
         .into()
     }
@@ -526,6 +614,8 @@ struct Rig {
     /// A second sandbox proxy whose policy allows the name with no
     /// transform.
     tunnel: SocketAddr,
+    /// [`bare_proxy`].
+    bare: SocketAddr,
     tls: HashMap<(Path, Http), Arc<rustls::ClientConfig>>,
     interception: Arc<Interception>,
     /// Runs whose origin counts did not match (printed at the end).
@@ -585,6 +675,18 @@ impl Rig {
             Arc::clone(&events) as Arc<dyn ProxyEvents>,
         );
         let tunnel_addr = on(&proxy_rt, loopback_listener(tunnel_proxy, origin_addr));
+        let bare_upstream = [Http::H1, Http::H2]
+            .into_iter()
+            .map(|h| (h, client_config(&pki.ca, &[h.alpn()])))
+            .collect();
+        let bare_addr = on(
+            &proxy_rt,
+            bare_proxy(
+                pki.server(&[b"h2", b"http/1.1"]),
+                bare_upstream,
+                origin_addr,
+            ),
+        );
 
         let mut tls = HashMap::new();
         for http in [Http::H1, Http::H2] {
@@ -595,6 +697,7 @@ impl Rig {
             // client verifies it against the origin's CA, which checks
             // that the bytes really came from the origin.
             tls.insert((Path::Tunnel, http), client_config(&pki.ca, &alpn));
+            tls.insert((Path::Bare, http), client_config(&pki.ca, &alpn));
         }
         Self {
             clients,
@@ -605,6 +708,7 @@ impl Rig {
             origin: origin_addr,
             proxy: proxy_addr,
             tunnel: tunnel_addr,
+            bare: bare_addr,
             tls,
             interception,
             problems: Mutex::default(),
@@ -617,6 +721,7 @@ impl Rig {
             Path::Direct => self.origin,
             Path::Intercept => self.proxy,
             Path::Tunnel => self.tunnel,
+            Path::Bare => self.bare,
         };
         (to, Arc::clone(&self.tls[&(path, http)]))
     }
@@ -635,7 +740,7 @@ impl Rig {
             Err(e) => panic!("{what} {}: {e}; {}", path.tag(), self.events.describe()),
         };
         let transformed = match path {
-            Path::Direct | Path::Tunnel => 0,
+            Path::Direct | Path::Tunnel | Path::Bare => 0,
             Path::Intercept => run.requests,
         };
         if seen.requests != run.requests || seen.transformed != transformed || seen.leaked != 0 {
@@ -769,6 +874,41 @@ const LATENCY_RATE: u32 = 500;
 
 const PATHS: [Path; 2] = [Path::Direct, Path::Intercept];
 
+/// [`PATHS`] and the bare proxy, where it is measured too.
+const WITH_BARE: [Path; 3] = [Path::Direct, Path::Intercept, Path::Bare];
+
+/// The bare proxy against direct, and interception against the bare proxy
+/// (information): how far interception is from what terminating and
+/// re-originating costs by itself here.
+fn bare_figures(
+    runs: &HashMap<Path, Vec<Run>>,
+    what: &str,
+    metric: impl Fn(&Run) -> f64 + Copy,
+    unit: &'static str,
+) -> [Figure; 2] {
+    let (direct, icpt, bare) = (
+        &runs[&Path::Direct],
+        &runs[&Path::Intercept],
+        &runs[&Path::Bare],
+    );
+    [
+        Figure {
+            name: format!("loopback_bare_proxy_{what}"),
+            value: med(bare, metric),
+            baseline: Some(med(direct, metric)),
+            unit,
+            target: Target::Report,
+        },
+        Figure {
+            name: format!("loopback_intercept_{what} (direct: bare proxy)"),
+            value: med(icpt, metric),
+            baseline: Some(med(bare, metric)),
+            unit,
+            target: Target::Report,
+        },
+    ]
+}
+
 fn request_figures(
     notes: &mut Vec<String>,
     rig: &Rig,
@@ -792,14 +932,17 @@ fn request_figures(
         notes,
         rounds,
         &label,
-        &PATHS,
+        &WITH_BARE,
         |p| rig.requests(p, http, dur),
         Run::rate,
         |r| r.progress("req", 1),
     );
     let (direct, icpt) = (&runs[&Path::Direct], &runs[&Path::Intercept]);
+    let what = format!("{h}_requests_per_s_{shape}");
+    let bare_cpu = format!("{h}_proxy_cpu_per_1k_requests");
+    let per_1k = |r: &Run| r.per_1k(r.sample.proxy_cpu);
     vec![Figure {
-        name: format!("loopback_intercept_{h}_requests_per_s_{shape}"),
+        name: format!("loopback_intercept_{what}"),
         value: med(icpt, Run::rate),
         baseline: Some(med(direct, Run::rate)),
         unit: "req/s",
@@ -813,6 +956,8 @@ fn request_figures(
         "requests",
         "CPU ms/1k req",
     ))
+    .chain(bare_figures(&runs, &what, Run::rate, "req/s"))
+    .chain(bare_figures(&runs, &bare_cpu, per_1k, "CPU ms/1k req"))
     .collect()
 }
 
@@ -857,7 +1002,7 @@ fn latency_figures(rig: &Rig, http: Http, dur: Duration, rounds: usize) -> Vec<F
     for round in 0..rounds {
         for p in PATHS {
             let out = match p {
-                Path::Direct | Path::Tunnel => Arc::clone(&direct),
+                Path::Direct | Path::Tunnel | Path::Bare => Arc::clone(&direct),
                 Path::Intercept => Arc::clone(&icpt),
             };
             let r = rig.latency(p, http, LATENCY_RATE, dur, out);
@@ -991,7 +1136,7 @@ fn bulk_figures(
         notes,
         rounds,
         &label,
-        &PATHS,
+        &WITH_BARE,
         |p| rig.bulk(p, http, bytes),
         mibps,
         |r| {
@@ -1006,7 +1151,8 @@ fn bulk_figures(
         },
     );
     let (direct, icpt) = (&runs[&Path::Direct], &runs[&Path::Intercept]);
-    vec![
+    let what = format!("{h}_bulk_throughput_{size}");
+    let mut figures = vec![
         Figure {
             name: format!("loopback_intercept_{h}_bulk_throughput_{size}"),
             value: med(icpt, mibps),
@@ -1028,7 +1174,9 @@ fn bulk_figures(
             unit: "CPU s/GiB",
             target: Target::Report,
         },
-    ]
+    ];
+    figures.extend(bare_figures(&runs, &what, mibps, "MiB/s"));
+    figures
 }
 
 // === micro ===
