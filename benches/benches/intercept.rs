@@ -1423,7 +1423,7 @@ fn main() {
             dur.as_secs_f64()
         ),
         format!("bulk: one {} MiB response per run", bytes >> 20),
-        "proxy upstream: pooled, verified connections in the client's protocol (HTTP/1.1 clients: HTTP/1.1; h2 clients: one multiplexed h2 connection)".to_string(),
+        "proxy upstream: pooled, verified connections in the client's protocol (HTTP/1.1 clients: HTTP/1.1; h2 clients: an h2 connection per client connection, its streams multiplexed)".to_string(),
         format!("latency: one keep-alive connection paced at {LATENCY_RATE} req/s; added = intercept - direct (issue 6 (e): p99 <= 1 ms)"),
         "CPU: (direct: origin's) figures compare the proxy's threads in intercepted runs with the origin's threads in direct runs (issue 6 (f): <= 1.5x)".to_string(),
         "loopback: client, proxy (handle_with_dst) and origin on 127.0.0.1 in one namespace; netns_ebpf: not measured here (see the tunnel bench)".to_string(),

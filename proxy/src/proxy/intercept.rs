@@ -23,8 +23,10 @@
 //!    for tunnels), TLS verified against the platform roots; the protocol
 //!    mirrors the sandbox's (HTTP/1.1 → HTTP/1.1; h2 → h2 when the upstream
 //!    offers it, by ALPN), connections pooled per sandbox, name, port and
-//!    protocol. A
-//!    certificate failure → `502` with `upstream_cert_*`; no request byte
+//!    protocol; while a sandbox connection lives it keeps the upstream
+//!    connection it used (h2: one per sandbox connection, dialled once for
+//!    its concurrent first streams), and hands it to the pool when it
+//!    ends. A certificate failure → `502` with `upstream_cert_*`; no request byte
 //!    was sent. Redirects are returned, never followed.
 //! 5. Response headers and trailers that carry an injected value (or its
 //!    base64) are redacted; in bodies every occurrence is masked with `*`
@@ -49,7 +51,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
@@ -102,6 +104,16 @@ struct Conn {
     /// used, kept for its next one (and when it was last used); it returns
     /// to the shared pool when this connection ends.
     up_h1: Mutex<Option<(http1::SendRequest<UpBody>, Instant)>>,
+    /// HTTP/2: this connection's own upstream h2 connection, shared by its
+    /// streams (not by other sandbox connections: streams of several
+    /// connections multiplexed onto one upstream connection contend on
+    /// its state, measured at ~20% more proxy CPU per request); it returns
+    /// to the shared pool when this connection ends.
+    up_h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    /// Held while `up_h2` is being found or dialled, so that the first
+    /// concurrent streams of a connection open one upstream connection,
+    /// not one each.
+    up_h2_dial: tokio::sync::Mutex<()>,
 }
 
 /// An upstream authority, as the `:authority` of an HTTP/2 request and as
@@ -200,6 +212,8 @@ pub(super) async fn serve(
         key,
         authorities,
         up_h1: Mutex::new(None),
+        up_h2: Mutex::new(None),
+        up_h2_dial: tokio::sync::Mutex::new(()),
     });
     let svc_ctx = Arc::clone(&ctx);
     let svc = hyper::service::service_fn(move |req| {
@@ -461,10 +475,10 @@ impl Conn {
         Ok(self.relayed(resp, rewrite))
     }
 
-    /// Sends over this connection's own HTTP/1.1 upstream connection, a
-    /// pooled one, or a new one. A request a reused connection could not
-    /// take (it closed meanwhile) is retried once on a fresh connection;
-    /// its body was not touched.
+    /// Sends over this connection's own upstream connection, a pooled one,
+    /// or a new one. A request a reused HTTP/1.1 connection could not take
+    /// (it closed meanwhile) is retried once on a fresh connection; its
+    /// body was not touched.
     async fn send_pooled(
         self: &Arc<Self>,
         head: Head,
@@ -475,22 +489,17 @@ impl Conn {
         let key = &self.key;
         let mut pending = (head, body);
         for attempt in 0..2 {
-            let reused = if attempt == 0 {
-                match self.local_h1().await {
-                    Some(s) => Some(Sender::H1(s)),
-                    None => pool.checkout(key).await,
-                }
+            let sender = if attempt > 0 {
+                self.connect(policy, key.http1_only).await?
+            } else if self.h2 {
+                self.h2_sender(policy).await?
             } else {
-                None
-            };
-            let sender = match reused {
-                Some(s) => s,
-                None => {
-                    let s = self.connect(policy, key.http1_only).await?;
-                    if let Sender::H2(h) = &s {
-                        pool.put_h2(key.clone(), h.clone());
-                    }
-                    s
+                match self.local_h1().await {
+                    Some(s) => Sender::H1(s),
+                    None => match pool.checkout(key) {
+                        Some(s) => s,
+                        None => self.connect(policy, key.http1_only).await?,
+                    },
                 }
             };
             let (head, body) = pending;
@@ -527,6 +536,52 @@ impl Conn {
         Err(ProxyError::Internal("upstream_retry_exhausted"))
     }
 
+    /// An upstream sender for a stream of this HTTP/2 connection: its own
+    /// upstream h2 connection once that can take another stream; else,
+    /// one at a time per connection, an idle pooled connection or a new
+    /// one, which becomes its own when it is h2 (an upstream without h2
+    /// gives HTTP/1.1 connections, pooled per request).
+    async fn h2_sender(&self, policy: &CompiledPolicy) -> Result<Sender, ProxyError> {
+        if let Some(s) = self.own_h2_ready().await {
+            return Ok(Sender::H2(s));
+        }
+        let _dialling = self.up_h2_dial.lock().await;
+        // Another stream may have found or dialled one meanwhile.
+        if let Some(s) = self.lock_up_h2().clone().filter(|s| s.is_ready()) {
+            return Ok(Sender::H2(s));
+        }
+        let sender = match self.proxy.pool().checkout(&self.key) {
+            Some(s) => s,
+            None => self.connect(policy, self.key.http1_only).await?,
+        };
+        if let Sender::H2(s) = &sender {
+            // A saturated one it replaces keeps serving its open streams.
+            *self.lock_up_h2() = Some(s.clone());
+        }
+        Ok(sender)
+    }
+
+    /// This connection's own upstream h2 connection once it can take
+    /// another stream (waiting a little when it is at the upstream's
+    /// stream limit).
+    async fn own_h2_ready(&self) -> Option<http2::SendRequest<UpBody>> {
+        let mut s = self.lock_up_h2().clone()?;
+        if s.is_closed() {
+            return None;
+        }
+        if s.is_ready() {
+            return Some(s);
+        }
+        match tokio::time::timeout(pool::H2_READY_WAIT, s.ready()).await {
+            Ok(Ok(())) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn lock_up_h2(&self) -> std::sync::MutexGuard<'_, Option<http2::SendRequest<UpBody>>> {
+        self.up_h2.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// This connection's own HTTP/1.1 upstream connection, once it is ready
     /// for another request. One that does not become ready soon goes back
     /// to the shared pool (which takes it when it is).
@@ -561,7 +616,7 @@ impl Conn {
         }
     }
 
-    /// The connection ended: its HTTP/1.1 upstream connection goes to the
+    /// The connection ended: its own upstream connection goes to the
     /// shared pool.
     fn release_upstream(&self) {
         let kept = self.lock_up_h1().take();
@@ -569,6 +624,10 @@ impl Conn {
             self.proxy
                 .pool()
                 .checkin_h1_when_ready(self.key.clone(), s, since);
+        }
+        let kept = self.lock_up_h2().take();
+        if let Some(s) = kept {
+            self.proxy.pool().put_h2(self.key.clone(), s);
         }
     }
 

@@ -1,7 +1,9 @@
 //! Upstream connections of one sandbox's interception, pooled per name and
-//! port: one shared HTTP/2 connection (multiplexed), or a stack of idle
-//! HTTP/1.1 connections. Connection tasks are tracked so that the
-//! sandbox's shutdown ends every one of them.
+//! port: the HTTP/2 connection a sandbox connection used, left when that
+//! connection ended (while a sandbox connection lives, its streams have an
+//! upstream h2 connection of their own), and a stack of idle HTTP/1.1
+//! connections. Connection tasks are tracked so that the sandbox's
+//! shutdown ends every one of them.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,9 +20,9 @@ const MAX_IDLE_H1: usize = 64;
 /// An idle HTTP/1.1 connection older than this is not reused (upstreams
 /// commonly close idle keep-alive connections after 60 s or more).
 pub(super) const IDLE_H1_FOR: Duration = Duration::from_secs(50);
-/// How long a request waits for the shared HTTP/2 connection to accept a
-/// new stream before another connection is opened.
-const H2_READY_WAIT: Duration = Duration::from_millis(200);
+/// How long a request waits for its connection's HTTP/2 upstream
+/// connection to accept a new stream before another connection is opened.
+pub(super) const H2_READY_WAIT: Duration = Duration::from_millis(200);
 
 /// Where a pooled connection goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -65,29 +67,15 @@ impl Pool {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A connection to `key` ready for a request, if one is open.
-    pub(crate) async fn checkout(&self, key: &Key) -> Option<Sender> {
-        let h2 = {
-            let mut inner = self.lock();
-            match inner.h2.get(key) {
-                Some(s) if s.is_closed() => {
-                    inner.h2.remove(key);
-                    None
-                }
-                Some(s) => Some(s.clone()),
-                None => None,
-            }
-        };
-        if let Some(mut s) = h2 {
-            if s.is_ready() {
+    /// An idle connection to `key` ready for a request, if one is open;
+    /// it leaves the pool (an h2 one becomes the taker's own).
+    pub(crate) fn checkout(&self, key: &Key) -> Option<Sender> {
+        let mut inner = self.lock();
+        if let Some(s) = inner.h2.remove(key) {
+            if !s.is_closed() && s.is_ready() {
                 return Some(Sender::H2(s));
             }
-            return match tokio::time::timeout(H2_READY_WAIT, s.ready()).await {
-                Ok(Ok(())) => Some(Sender::H2(s)),
-                _ => None,
-            };
         }
-        let mut inner = self.lock();
         let idle = inner.h1.get_mut(key)?;
         while let Some((s, since)) = idle.pop() {
             if !s.is_closed() && s.is_ready() && since.elapsed() < IDLE_H1_FOR {
@@ -97,10 +85,11 @@ impl Pool {
         None
     }
 
-    /// Shares a new HTTP/2 connection to `key`.
+    /// Keeps the HTTP/2 connection to `key` of a sandbox connection that
+    /// ended, for the next one (one per key; a closed one is not kept).
     pub(crate) fn put_h2(&self, key: Key, sender: http2::SendRequest<UpBody>) {
         let mut inner = self.lock();
-        if !inner.closed {
+        if !inner.closed && !sender.is_closed() {
             inner.h2.insert(key, sender);
         }
     }

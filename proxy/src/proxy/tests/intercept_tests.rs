@@ -361,9 +361,10 @@ async fn upstream_connections_are_pooled_across_sandbox_connections() {
         }
     }
     assert_eq!(s.origin.seen.lock().unwrap().len(), 12);
-    // The upstream protocol mirrors the sandbox's: one multiplexed h2
-    // connection for both h2 clients, one kept-alive HTTP/1.1 connection for
-    // both HTTP/1.1 clients.
+    // The upstream protocol mirrors the sandbox's: the first h2 client's
+    // upstream h2 connection serves the second one after it (handed back
+    // when the first ended), one kept-alive HTTP/1.1 connection serves both
+    // HTTP/1.1 clients.
     assert_eq!(s.upstream.accepted(), 2);
     let versions = s.origin.versions.lock().unwrap().clone();
     assert!(
@@ -374,6 +375,32 @@ async fn upstream_connections_are_pooled_across_sandbox_connections() {
         versions[6..].iter().all(|v| *v == ::http::Version::HTTP_11),
         "{versions:?}"
     );
+}
+
+#[tokio::test]
+async fn each_h2_sandbox_connection_gets_one_upstream_connection_of_its_own() {
+    let s = setup().await;
+    let a = Client::connect(&s, true).await;
+    let b = Client::connect(&s, true).await;
+    // Eight concurrent first streams on each, both connections open.
+    let mut streams = Vec::new();
+    for c in [&a, &b] {
+        let Client::H2(send) = c else { unreachable!() };
+        for i in 0..8 {
+            let mut c = Client::H2(send.clone());
+            streams.push(tokio::spawn(async move {
+                c.get("api.test", &format!("/{i}"), &[]).await.0
+            }));
+        }
+    }
+    for t in streams {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(s.origin.seen.lock().unwrap().len(), 16);
+    // Not one per stream (the first streams wait for one dial), not one
+    // shared by both sandbox connections.
+    assert_eq!(s.upstream.accepted(), 2);
+    drop((a, b));
 }
 
 #[tokio::test]
