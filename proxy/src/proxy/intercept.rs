@@ -77,6 +77,16 @@ pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
 
 /// Most concurrent HTTP/2 streams a sandbox may open per connection.
 const MAX_STREAMS: u32 = 100;
+/// HTTP/2 receive windows, fixed: what a sandbox may send on a connection
+/// (and on one stream) before the proxy has forwarded it, and what an
+/// upstream may. They bound the bytes buffered per connection. BDP-based
+/// adaptive windows were measured worse here: on a short round trip they
+/// stay small, and a 256 MiB h2 response through interception took ~2.2
+/// instead of ~1.4 CPU-s/GiB in the proxy (0.25 vs 0.45x direct).
+const DOWN_H2_STREAM_WINDOW: u32 = 1 << 20;
+const DOWN_H2_CONN_WINDOW: u32 = 2 << 20;
+const UP_H2_STREAM_WINDOW: u32 = 2 << 20;
+const UP_H2_CONN_WINDOW: u32 = 5 << 20;
 /// How long a request waits for its connection's own HTTP/1.1 upstream
 /// connection to finish the previous exchange (it normally has: the
 /// response was read to its end) before it goes back to the shared pool
@@ -224,10 +234,9 @@ pub(super) async fn serve(
     let served = async {
         if h2 {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            // BDP-based flow-control windows: the 64 KiB defaults cap a
-            // stream's throughput at one window per round trip.
             b.timer(TokioTimer::new())
-                .adaptive_window(true)
+                .initial_stream_window_size(DOWN_H2_STREAM_WINDOW)
+                .initial_connection_window_size(DOWN_H2_CONN_WINDOW)
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
             b.serve_connection(io, svc).await
@@ -679,7 +688,8 @@ impl Conn {
         if h2 {
             let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .adaptive_window(true)
+                .initial_stream_window_size(UP_H2_STREAM_WINDOW)
+                .initial_connection_window_size(UP_H2_CONN_WINDOW)
                 .handshake::<_, UpBody>(io)
                 .await
                 .map_err(ProxyError::UpstreamHttp)?;

@@ -403,6 +403,72 @@ async fn each_h2_sandbox_connection_gets_one_upstream_connection_of_its_own() {
     drop((a, b));
 }
 
+/// The server's first frames on a new h2 connection: its SETTINGS
+/// parameters and the connection-level WINDOW_UPDATE increment, if any.
+async fn h2_server_preface(s: &Setup) -> (Vec<(u16, u32)>, Option<u32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(s.h.addr, sandbox_client(&s.ca, &[b"h2"]), "api.test")
+        .await
+        .unwrap();
+    // Client preface + an empty SETTINGS frame.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let (mut settings, mut conn_increment) = (None, None);
+    while settings.is_none() || conn_increment.is_none() {
+        let mut head = [0u8; 9];
+        // The server writes its preface at once; a frame that does not
+        // come within a second is not coming.
+        let read = tokio::time::timeout(Duration::from_secs(1), tls.read_exact(&mut head));
+        if !matches!(read.await, Ok(Ok(_))) {
+            break;
+        }
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        bounded(tls.read_exact(&mut payload)).await.unwrap();
+        match kind {
+            // SETTINGS (not its ACK)
+            0x4 if flags & 0x1 == 0 => {
+                settings = Some(
+                    payload
+                        .chunks_exact(6)
+                        .map(|c| {
+                            (
+                                u16::from_be_bytes([c[0], c[1]]),
+                                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+            // WINDOW_UPDATE on the connection
+            0x8 if stream == 0 => {
+                conn_increment = Some(
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                        & 0x7fff_ffff,
+                );
+            }
+            _ => {}
+        }
+    }
+    (settings.expect("a SETTINGS frame"), conn_increment)
+}
+
+#[tokio::test]
+async fn h2_sandbox_connections_get_fixed_receive_windows() {
+    let s = setup().await;
+    let (settings, conn_increment) = h2_server_preface(&s).await;
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4): 1 MiB per stream (an adaptive
+    // window would start at 64 KiB and stay small on a short round trip).
+    assert!(settings.contains(&(0x4, 1 << 20)), "{settings:?}");
+    // SETTINGS_MAX_CONCURRENT_STREAMS (0x3).
+    assert!(settings.contains(&(0x3, 100)), "{settings:?}");
+    // The connection window grows from 65,535 to 2 MiB.
+    assert_eq!(conn_increment, Some((2 << 20) - 65_535));
+}
+
 #[tokio::test]
 async fn policy_update_applies_to_the_next_request_and_revokes_denied() {
     let s = setup().await;
