@@ -2,7 +2,8 @@
 //! value (or of one of its long tokens, or their base64 forms) in a body
 //! that flows back to the sandbox is overwritten with `*`, byte for byte,
 //! so `Content-Length` stays true. Occurrences split across chunks are
-//! found: the last `longest - 1` bytes of each chunk wait for the next.
+//! found: a chunk that ends with the beginning of a secret holds those
+//! bytes back for the next one; any other chunk passes whole, uncopied.
 //!
 //! Streams must not stall on that hold-back (a gRPC or SSE stream waits
 //! for each message): when the upstream has nothing more for now, the held
@@ -25,7 +26,6 @@ use memchr::memmem::Finder;
 pub struct Scrubber {
     /// Shared by every response of a transform rule (built once).
     finders: Arc<[Finder<'static>]>,
-    keep: usize,
     carry: BytesMut,
     masked: usize,
     /// After a flush: (secret index, bytes of it already sent) for every
@@ -42,10 +42,11 @@ impl Scrubber {
             .filter(|s| !s.is_empty())
             .map(|s| Finder::new(s).into_owned())
             .collect();
-        let longest = finders.iter().map(|f| f.needle().len()).max()?;
+        if finders.is_empty() {
+            return None;
+        }
         Some(Self {
             finders,
-            keep: longest - 1,
             carry: BytesMut::new(),
             masked: 0,
             partial: Vec::new(),
@@ -58,11 +59,8 @@ impl Scrubber {
         buf.extend_from_slice(data);
         self.mask_continuations(&mut buf);
         self.mask(&mut buf);
-        if buf.len() <= self.keep {
-            self.carry = buf;
-            return Bytes::new();
-        }
-        self.carry = buf.split_off(buf.len() - self.keep);
+        let hold = self.open_end(&buf);
+        self.carry = buf.split_off(buf.len() - hold);
         buf.freeze()
     }
 
@@ -72,13 +70,32 @@ impl Scrubber {
         if !self.clean_start(&data) {
             return self.push(&data);
         }
-        if data.len() <= self.keep {
-            self.carry.extend_from_slice(&data);
-            return Bytes::new();
+        let hold = self.open_end(&data);
+        if hold > 0 {
+            let tail = data.split_off(data.len() - hold);
+            self.carry.extend_from_slice(&tail);
         }
-        let tail = data.split_off(data.len() - self.keep);
-        self.carry.extend_from_slice(&tail);
         data
+    }
+
+    /// How many bytes at the end of `buf` begin a secret (the longest end
+    /// that is a proper prefix of one): an occurrence the next chunk
+    /// completes starts there, so only they wait. Any shorter such end is
+    /// inside the longest.
+    fn open_end(&self, buf: &[u8]) -> usize {
+        let mut hold = 0;
+        for f in self.finders.iter() {
+            let needle = f.needle();
+            let longest = (needle.len() - 1).min(buf.len());
+            for k in (hold + 1..=longest).rev() {
+                let end = &buf[buf.len() - k..];
+                if end[0] == needle[0] && end == &needle[..k] {
+                    hold = k;
+                    break;
+                }
+            }
+        }
+        hold
     }
 
     /// Feeds the last `data` of the stream: what [`Scrubber::push`] and then
@@ -358,6 +375,72 @@ mod tests {
             .unwrap(),
             "aa ********* bb ************ cc sk-secre"
         );
+    }
+
+    #[test]
+    fn only_an_end_that_begins_a_secret_waits() {
+        let secrets = vec![b"sk-secret".to_vec(), b"c2stc2VjcmV0".to_vec()];
+        let mut s = Scrubber::new(&secrets).unwrap();
+        // Ends that begin no secret: each chunk passes whole, uncopied.
+        for chunk in [&b"{\"data\": [1, 2, 3], "[..], b"\"more\": \"text\"}\n"] {
+            let data = Bytes::copy_from_slice(chunk);
+            let out = s.push_bytes(data.clone());
+            assert_eq!(out.as_ptr(), data.as_ptr());
+            assert_eq!(out, data);
+            assert!(!s.holding());
+        }
+        // "sk-se" may begin "sk-secret", "c2" "c2stc2VjcmV0": only they wait.
+        assert_eq!(&s.push_bytes(Bytes::from_static(b"a sk-se"))[..], b"a ");
+        assert!(s.holding());
+        assert_eq!(
+            &s.push_bytes(Bytes::from_static(b"cret, c2"))[..],
+            b"*********, "
+        );
+        assert_eq!(&s.push_bytes(Bytes::from_static(b"x"))[..], b"c2x");
+        assert!(!s.holding());
+    }
+
+    #[test]
+    fn any_chunking_masks_as_the_whole_body_would() {
+        let secrets = vec![b"sk-secret".to_vec(), b"c2stc2VjcmV0".to_vec()];
+        // Pieces that begin, end and overlap the secrets often.
+        let pieces: [&[u8]; 9] = [
+            b"sk-",
+            b"sk-secret",
+            b"s",
+            b"k",
+            b"c2st",
+            b"c2stc2VjcmV0",
+            b"x",
+            b" ",
+            b"sk-secre",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            usize::try_from(seed % n as u64).unwrap()
+        };
+        for _ in 0..500 {
+            let body: Vec<u8> = (0..next(40))
+                .flat_map(|_| pieces[next(pieces.len())].to_vec())
+                .collect();
+            let whole = Scrubber::new(&secrets)
+                .unwrap()
+                .push_last(Bytes::from(body.clone()));
+            let mut s = Scrubber::new(&secrets).unwrap();
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < body.len() {
+                let n = (1 + next(16)).min(body.len() - at);
+                let chunk = Bytes::copy_from_slice(&body[at..at + n]);
+                got.extend_from_slice(&s.push_bytes(chunk));
+                at += n;
+            }
+            got.extend_from_slice(&s.finish());
+            assert_eq!(got, whole, "{}", String::from_utf8_lossy(&body));
+        }
     }
 
     #[test]
