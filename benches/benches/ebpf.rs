@@ -110,6 +110,10 @@ fn bpf_memlock_kib() -> f64 {
     total as f64 / 1024.0
 }
 
+/// Attach and detach samples taken at least, at every scale (a fleet of 1
+/// is attached and detached this many times).
+const MIN_SAMPLES: usize = 20;
+
 /// The sink of the loaded sandbox in the scale runs.
 const SCALE_SINK_PORT: u16 = 5002;
 
@@ -126,7 +130,8 @@ struct Scale {
 
 /// Attaches `n` filters (idle sandboxes), loads one more sandbox (`pair`,
 /// its filter attached) before and while they are attached, then detaches
-/// them one by one.
+/// them one by one; below [`MIN_SAMPLES`] filters, attaches and detaches
+/// them again until there are that many samples.
 fn scale(n: usize, pair: &Pair, sink: &TcpListener) -> Scale {
     let fleet = Fleet::new(n);
     let root = pin_root();
@@ -152,32 +157,37 @@ fn scale(n: usize, pair: &Pair, sink: &TcpListener) -> Scale {
         .collect();
 
     let mem0 = bpf_memlock_kib();
-    let mut filters = Vec::with_capacity(n);
+    let (mut mem1, mut loaded) = (mem0, Vec::new());
     let mut attach = Vec::with_capacity(n);
-    for (i, ns) in fleet.names.iter().enumerate() {
-        let t = Instant::now();
-        let f = Filter::attach(
-            &root.join(ns),
-            &PathBuf::from(format!("/run/netns/{ns}")),
-            &format!("tgb{i}"),
-            &snet(),
-            &floor,
-            &policy_with_sink(),
-        )
-        .expect("attach");
-        attach.push(ms(t.elapsed()));
-        filters.push(f);
-    }
-    let mem1 = bpf_memlock_kib();
-    let loaded: Vec<f64> = (0..rounds)
-        .map(|_| stream(pair, sink, dst, bytes))
-        .collect();
-
     let mut detach = Vec::with_capacity(n);
-    for f in filters {
-        let t = Instant::now();
-        f.detach().expect("detach");
-        detach.push(ms(t.elapsed()));
+    // Small fleets attach and detach again, for enough samples.
+    for cycle in 0..(MIN_SAMPLES / n).max(1) {
+        let mut filters = Vec::with_capacity(n);
+        for (i, ns) in fleet.names.iter().enumerate() {
+            let t = Instant::now();
+            let f = Filter::attach(
+                &root.join(ns),
+                &PathBuf::from(format!("/run/netns/{ns}")),
+                &format!("tgb{i}"),
+                &snet(),
+                &floor,
+                &policy_with_sink(),
+            )
+            .expect("attach");
+            attach.push(ms(t.elapsed()));
+            filters.push(f);
+        }
+        if cycle == 0 {
+            mem1 = bpf_memlock_kib();
+            loaded = (0..rounds)
+                .map(|_| stream(pair, sink, dst, bytes))
+                .collect();
+        }
+        for f in filters {
+            let t = Instant::now();
+            f.detach().expect("detach");
+            detach.push(ms(t.elapsed()));
+        }
     }
     loaded_filter
         .detach()
