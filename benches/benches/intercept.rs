@@ -877,13 +877,15 @@ const PATHS: [Path; 2] = [Path::Direct, Path::Intercept];
 /// [`PATHS`] and the bare proxy, where it is measured too.
 const WITH_BARE: [Path; 3] = [Path::Direct, Path::Intercept, Path::Bare];
 
-/// The bare proxy against direct, and interception against the bare proxy
+/// The bare proxy against direct (`direct_metric` of the direct runs,
+/// named by `direct_note`), and interception against the bare proxy
 /// (information): how far interception is from what terminating and
 /// re-originating costs by itself here.
 fn bare_figures(
     runs: &HashMap<Path, Vec<Run>>,
     what: &str,
     metric: impl Fn(&Run) -> f64 + Copy,
+    (direct_metric, direct_note): (impl Fn(&Run) -> f64, &str),
     unit: &'static str,
 ) -> [Figure; 2] {
     let (direct, icpt, bare) = (
@@ -893,9 +895,9 @@ fn bare_figures(
     );
     [
         Figure {
-            name: format!("loopback_bare_proxy_{what}"),
+            name: format!("loopback_bare_proxy_{what}{direct_note}"),
             value: med(bare, metric),
-            baseline: Some(med(direct, metric)),
+            baseline: Some(med(direct, direct_metric)),
             unit,
             target: Target::Report,
         },
@@ -956,8 +958,23 @@ fn request_figures(
         "requests",
         "CPU ms/1k req",
     ))
-    .chain(bare_figures(&runs, &what, Run::rate, "req/s"))
-    .chain(bare_figures(&runs, &bare_cpu, per_1k, "CPU ms/1k req"))
+    .chain(bare_figures(
+        &runs,
+        &what,
+        Run::rate,
+        (Run::rate, ""),
+        "req/s",
+    ))
+    .chain(bare_figures(
+        &runs,
+        &bare_cpu,
+        per_1k,
+        (
+            |r: &Run| r.per_1k(r.sample.origin_cpu),
+            " (direct: origin's)",
+        ),
+        "CPU ms/1k req",
+    ))
     .collect()
 }
 
@@ -1175,7 +1192,7 @@ fn bulk_figures(
             target: Target::Report,
         },
     ];
-    figures.extend(bare_figures(&runs, &what, mibps, "MiB/s"));
+    figures.extend(bare_figures(&runs, &what, mibps, (mibps, ""), "MiB/s"));
     figures
 }
 

@@ -23,19 +23,20 @@
 //! --bench tunnel`), which runs both modes and a bare relay (blocking
 //! threads, splice, no policy) against a direct connection in the same run.
 //! One TLS stream origin → client, 2 cores shared by client, relay and
-//! origin (quick run, 5 rounds, medians of per-round ratios):
+//! origin; medians of per-round ratios of two full runs (1 GiB, 5 rounds):
 //!
 //! | path | loopback | netns + eBPF (production path) |
 //! |---|---|---|
-//! | `Splice` | 0.66× direct | 0.73× direct |
-//! | `Userspace` (64 KiB buffer) | 0.67× direct | 0.64× direct |
-//! | bare splice relay | 0.67× direct | - |
+//! | `Splice` | 0.61–0.67× direct | 0.54–0.63× direct |
+//! | `Userspace` (64 KiB buffer) | 0.67–0.70× direct | 0.55–0.69× direct |
+//! | bare splice relay | 0.61–0.62× direct | - |
 //!
-//! The relay's own threads spend 0.30 (splice) vs 0.53 (copy) CPU-s/GiB; on
-//! loopback the receiving client then spends more per GiB behind a splice
-//! relay (0.60–0.77 vs 0.35–0.39 CPU-s/GiB), so the two end up even there.
-//! Splice is the default: it is ahead on the production path and leaves
-//! the proxy's cores to other sandboxes.
+//! The two modes are even within the noise of these runs (a quick run had
+//! splice ahead on the netns path, 0.73 vs 0.64×). The relay's own threads
+//! spend 0.37–0.42 (splice) vs 0.66–0.76 (copy) CPU-s/GiB on the netns
+//! path; with splice the receiving client then spends more per GiB
+//! (0.7–0.8 vs 0.5 CPU-s/GiB), which evens the total. Splice is the
+//! default: it leaves the proxy's cores to other sandboxes.
 //!
 //! Each tunnel in splice mode holds two pipes (four descriptors) besides its
 //! two sockets; each pipe asks for 256 KiB (`PIPE_SIZE` in `tunnel/splice.rs`), and
