@@ -38,6 +38,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::time::{Duration, Instant};
@@ -124,6 +125,9 @@ struct Conn {
     /// concurrent streams of a connection open one upstream connection,
     /// not one each.
     up_h2_dial: tokio::sync::Mutex<()>,
+    /// The upstream answered an h2 offer with HTTP/1.1: streams then take
+    /// (or dial) HTTP/1.1 connections in parallel, without `up_h2_dial`.
+    up_no_h2: AtomicBool,
 }
 
 /// An upstream authority, as the `:authority` of an HTTP/2 request and as
@@ -224,6 +228,7 @@ pub(super) async fn serve(
         up_h1: Mutex::new(None),
         up_h2: Mutex::new(None),
         up_h2_dial: tokio::sync::Mutex::new(()),
+        up_no_h2: AtomicBool::new(false),
     });
     let svc_ctx = Arc::clone(&ctx);
     let svc = hyper::service::service_fn(move |req| {
@@ -554,18 +559,25 @@ impl Conn {
         if let Some(s) = self.own_h2_ready().await {
             return Ok(Sender::H2(s));
         }
+        let pooled_or_new = || async {
+            match self.proxy.pool().checkout(&self.key) {
+                Some(s) => Ok(s),
+                None => self.connect(policy, self.key.http1_only).await,
+            }
+        };
+        if self.up_no_h2.load(Ordering::Relaxed) {
+            return pooled_or_new().await;
+        }
         let _dialling = self.up_h2_dial.lock().await;
         // Another stream may have found or dialled one meanwhile.
         if let Some(s) = self.lock_up_h2().clone().filter(|s| s.is_ready()) {
             return Ok(Sender::H2(s));
         }
-        let sender = match self.proxy.pool().checkout(&self.key) {
-            Some(s) => s,
-            None => self.connect(policy, self.key.http1_only).await?,
-        };
-        if let Sender::H2(s) = &sender {
+        let sender = pooled_or_new().await?;
+        match &sender {
             // A saturated one it replaces keeps serving its open streams.
-            *self.lock_up_h2() = Some(s.clone());
+            Sender::H2(s) => *self.lock_up_h2() = Some(s.clone()),
+            Sender::H1(_) => self.up_no_h2.store(true, Ordering::Relaxed),
         }
         Ok(sender)
     }

@@ -23,8 +23,18 @@ struct Origin {
 /// `/echo` echoes request headers as `x-echo-<name>`, `/redirect` answers
 /// 302 to another host, anything else `200 ok <path>`.
 fn tls_origin(l: TcpListener, p: &Pki) -> (Server, Arc<Origin>) {
+    tls_origin_with(l, p, &[b"h2", b"http/1.1"], Duration::ZERO)
+}
+
+/// [`tls_origin`] offering `alpn`, waiting `delay` before each handshake.
+fn tls_origin_with(
+    l: TcpListener,
+    p: &Pki,
+    alpn: &[&[u8]],
+    delay: Duration,
+) -> (Server, Arc<Origin>) {
     let mut cfg = (*server_config(p)).clone();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let origin = Arc::new(Origin::default());
     let o = Arc::clone(&origin);
@@ -32,6 +42,7 @@ fn tls_origin(l: TcpListener, p: &Pki) -> (Server, Arc<Origin>) {
         let acceptor = acceptor.clone();
         let o = Arc::clone(&o);
         async move {
+            tokio::time::sleep(delay).await;
             let Ok(tls) = acceptor.accept(c).await else {
                 return;
             };
@@ -66,6 +77,7 @@ fn tls_origin(l: TcpListener, p: &Pki) -> (Server, Arc<Origin>) {
                             }
                             *resp.body_mut() = Full::new(Bytes::from(text));
                         }
+                        "/slow" => tokio::time::sleep(Duration::from_millis(600)).await,
                         "/redirect" => {
                             *resp.status_mut() = StatusCode::FOUND;
                             resp.headers_mut().insert(
@@ -114,7 +126,11 @@ fn transform_policy() -> Arc<CompiledPolicy> {
 
 async fn setup_with(origin_pki: &Pki, trust_pki: &Pki) -> Setup {
     let [up] = <[TcpListener; 1]>::try_from(bind_same_port(&["127.0.0.2"]).await).unwrap();
-    let (upstream, origin) = tls_origin(up, origin_pki);
+    setup_on(tls_origin(up, origin_pki), trust_pki).await
+}
+
+/// The proxy in front of `origin`, trusting `trust_pki` upstream.
+async fn setup_on((upstream, origin): (Server, Arc<Origin>), trust_pki: &Pki) -> Setup {
     let ca = Arc::new(SandboxCa::generate("sbx-test").unwrap());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(trust_pki.ca.clone()).unwrap();
@@ -467,6 +483,42 @@ async fn h2_sandbox_connections_get_fixed_receive_windows() {
     assert!(settings.contains(&(0x3, 100)), "{settings:?}");
     // The connection window grows from 65,535 to 2 MiB.
     assert_eq!(conn_increment, Some((2 << 20) - 65_535));
+}
+
+#[tokio::test]
+async fn h2_streams_to_an_http1_only_upstream_dial_in_parallel() {
+    // Every upstream handshake takes 300 ms, every /slow answer 600 ms;
+    // the upstream offers no h2, so five concurrent streams need five
+    // HTTP/1.1 connections (one is the idle one the first request left).
+    let p = pki(&["api.test"]);
+    let [up] = <[TcpListener; 1]>::try_from(bind_same_port(&["127.0.0.2"]).await).unwrap();
+    let origin = tls_origin_with(up, &p, &[b"http/1.1"], Duration::from_millis(300));
+    let s = setup_on(origin, &p).await;
+    let c = Client::connect(&s, true).await;
+    let Client::H2(send) = &c else { unreachable!() };
+    // The first request learns that the upstream has no h2.
+    let (status, _, _) = Client::H2(send.clone()).get("api.test", "/0", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let start = std::time::Instant::now();
+    let streams: Vec<_> = (1..=5)
+        .map(|_| {
+            let mut c = Client::H2(send.clone());
+            tokio::spawn(async move { c.get("api.test", "/slow", &[]).await.0 })
+        })
+        .collect();
+    for t in streams {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    // In parallel: ~300 + 600 ms. Dialled one after another, the last
+    // stream would start at 4 x 300 ms and end at 1,800 ms.
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(1400), "{took:?}");
+    let versions = s.origin.versions.lock().unwrap().clone();
+    assert!(
+        versions.iter().all(|v| *v == ::http::Version::HTTP_11),
+        "{versions:?}"
+    );
+    assert_eq!(versions.len(), 6);
 }
 
 #[tokio::test]
