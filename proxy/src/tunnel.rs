@@ -204,6 +204,34 @@ impl Activity {
     }
 }
 
+/// Runs `serve` (a connection's server) as a task of its own until it ends,
+/// or until `stop` completes, when it is aborted and awaited, so nothing
+/// of it runs afterwards. The task's wakeups (every read and write of a
+/// busy connection) do not poll `stop`, as a `select!` over both would;
+/// dropping the returned future aborts the task too. `None` when stopped
+/// (or when `serve` panicked).
+pub(crate) async fn serve_until<T: Send + 'static>(
+    serve: impl Future<Output = T> + Send + 'static,
+    stop: impl Future<Output = ()>,
+) -> Option<T> {
+    /// Aborts the task when dropped.
+    struct Served<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for Served<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = Served(tokio::spawn(serve));
+    tokio::select! {
+        r = &mut task.0 => r.ok(),
+        () = stop => {
+            task.0.abort();
+            let _ = (&mut task.0).await;
+            None
+        }
+    }
+}
+
 /// A byte stream whose reads and writes count as [`Activity`] (idle
 /// timeouts of served HTTP and intercepted connections).
 #[derive(Debug)]

@@ -47,7 +47,7 @@ use tokio::task::AbortHandle;
 
 use crate::policy::{CompiledPolicy, Dial, Verdict};
 use crate::respond::{self, Body};
-use crate::tunnel::{ActiveIo, Activity};
+use crate::tunnel::{serve_until, ActiveIo, Activity};
 
 use super::error::ProxyError;
 use super::registry::{ConnHandle, Kind};
@@ -137,14 +137,14 @@ pub(super) async fn serve(proxy: Arc<SandboxProxy>, conn: TcpStream, handle: Con
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     let served = builder.serve_connection(io, svc).with_upgrades();
-    tokio::select! {
-        r = served => {
-            if let Err(e) = r {
-                ctx.report_hyper_error(&e);
-            }
+    let stop = async {
+        tokio::select! {
+            _ = ctx.handle.closed() => {}
+            () = activity.idle_for(cfg.idle_timeout) => {}
         }
-        _ = ctx.handle.closed() => {}
-        () = activity.idle_for(cfg.idle_timeout) => {}
+    };
+    if let Some(Err(e)) = serve_until(served, stop).await {
+        ctx.report_hyper_error(&e);
     }
 }
 

@@ -61,7 +61,7 @@ use tokio::net::TcpStream;
 use crate::intercept::{Interception, Rewrite, ScrubBody};
 use crate::policy::{CompiledPolicy, Dial, Transform, Verdict};
 use crate::respond::{self, Body};
-use crate::tunnel::{ActiveIo, Activity};
+use crate::tunnel::{serve_until, ActiveIo, Activity};
 
 use super::error::ProxyError;
 use super::http::{strip_hop_by_hop, switching_protocols};
@@ -208,6 +208,7 @@ pub(super) async fn serve(
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let cfg = proxy.cfg.clone();
+    let idle_timeout = cfg.idle_timeout;
     let authorities =
         UpAuthority::new(sni.clone()).zip(UpAuthority::new(format!("{sni}:{}", dst.port())));
     let key = Key {
@@ -236,7 +237,7 @@ pub(super) async fn serve(
         async move { Ok::<_, Infallible>(ctx.request(req).await) }
     });
     let io = TokioIo::new(tls);
-    let served = async {
+    let served = async move {
         if h2 {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
@@ -255,14 +256,14 @@ pub(super) async fn serve(
             b.serve_connection(io, svc).with_upgrades().await
         }
     };
-    tokio::select! {
-        r = served => {
-            if let Err(e) = r {
-                tracing::debug!(sandbox = %ctx.proxy.sandbox_id, %dst, error = %e, "intercepted connection ended");
-            }
+    let stop = async {
+        tokio::select! {
+            _ = ctx.handle.closed() => {}
+            () = activity.idle_for(idle_timeout) => {}
         }
-        _ = ctx.handle.closed() => {}
-        () = activity.idle_for(cfg.idle_timeout) => {}
+    };
+    if let Some(Err(e)) = serve_until(served, stop).await {
+        tracing::debug!(sandbox = %ctx.proxy.sandbox_id, %dst, error = %e, "intercepted connection ended");
     }
     ctx.release_upstream();
 }

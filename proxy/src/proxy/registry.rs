@@ -40,6 +40,8 @@ struct Decided {
     name: Option<String>,
     verdict: Verdict,
     kind: Kind,
+    /// The [`State::generation`] of the policy it was taken under.
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -53,6 +55,9 @@ struct Entry {
 #[derive(Debug)]
 struct State {
     policy: Arc<CompiledPolicy>,
+    /// Counts policy swaps: a decision taken under the current generation
+    /// for the same name and kind is still the policy's answer.
+    generation: u64,
     next_id: u64,
     conns: HashMap<u64, Entry>,
     shut: bool,
@@ -82,6 +87,7 @@ impl Registry {
         Self {
             state: Mutex::new(State {
                 policy,
+                generation: 0,
                 next_id: 0,
                 conns: HashMap::new(),
                 shut: false,
@@ -136,6 +142,7 @@ impl Registry {
     pub(crate) fn set_policy(&self, policy: Arc<CompiledPolicy>) -> usize {
         let mut st = self.lock();
         st.policy = policy;
+        st.generation += 1;
         let policy = Arc::clone(&st.policy);
         let mut closed = 0;
         for entry in st.conns.values() {
@@ -190,21 +197,25 @@ impl ConnHandle {
     /// Returns the verdict and the policy it was taken under.
     pub(crate) fn decide(&self, name: Option<&str>, kind: Kind) -> (Verdict, Arc<CompiledPolicy>) {
         let mut st = self.registry.lock();
+        let st = &mut *st;
         let policy = Arc::clone(&st.policy);
-        let verdict = policy.decide(name, self.dst.ip(), self.dst.port(), Proto::Tcp);
-        if let Some(entry) = st.conns.get_mut(&self.id) {
-            // A keep-alive connection asks for the same name again and
-            // again: record only what changed.
-            let same = entry.decided.as_ref().is_some_and(|d| {
-                d.kind == kind && d.name.as_deref() == name && d.verdict == verdict
-            });
-            if !same {
-                entry.decided = Some(Decided {
-                    name: name.map(str::to_string),
-                    verdict: verdict.clone(),
-                    kind,
-                });
+        let generation = st.generation;
+        let entry = st.conns.get_mut(&self.id);
+        // A keep-alive connection asks for the same name again and again:
+        // under the same policy the answer is the one recorded.
+        if let Some(d) = entry.as_ref().and_then(|e| e.decided.as_ref()) {
+            if d.generation == generation && d.kind == kind && d.name.as_deref() == name {
+                return (d.verdict.clone(), policy);
             }
+        }
+        let verdict = policy.decide(name, self.dst.ip(), self.dst.port(), Proto::Tcp);
+        if let Some(entry) = entry {
+            entry.decided = Some(Decided {
+                name: name.map(str::to_string),
+                verdict: verdict.clone(),
+                kind,
+                generation,
+            });
         }
         (verdict, policy)
     }

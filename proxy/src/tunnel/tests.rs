@@ -207,3 +207,54 @@ async fn upstream_reset_is_reported_as_upstream() {
         other => panic!("expected an upstream error, got {other:?}"),
     }
 }
+
+/// Sets its flag when dropped.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn serve_until_returns_what_the_server_returns() {
+    let out = bounded(serve_until(async { 7 }, std::future::pending())).await;
+    assert_eq!(out, Some(7));
+}
+
+#[tokio::test]
+async fn serve_until_stops_the_server_before_it_returns() {
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = DropFlag(Arc::clone(&dropped));
+    let serve = async move {
+        let _flag = flag;
+        std::future::pending::<()>().await;
+    };
+    let stop = tokio::time::sleep(Duration::from_millis(20));
+    assert_eq!(bounded(serve_until(serve, stop)).await, None);
+    // Aborted and awaited: nothing of the server is left running.
+    assert!(dropped.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn dropping_serve_until_aborts_the_server() {
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = DropFlag(Arc::clone(&dropped));
+    let serve = async move {
+        let _flag = flag;
+        std::future::pending::<()>().await;
+    };
+    let waited = tokio::time::timeout(
+        Duration::from_millis(20),
+        serve_until(serve, std::future::pending()),
+    )
+    .await;
+    assert!(waited.is_err());
+    bounded(async {
+        while !dropped.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+}
