@@ -223,14 +223,23 @@ async fn serve_until_returns_what_the_server_returns() {
     assert_eq!(out, Some(7));
 }
 
-#[tokio::test]
-async fn serve_until_stops_the_server_before_it_returns() {
+/// A server that never ends, and the flag set when it is dropped.
+fn endless_server() -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    impl Future<Output = ()> + Send + 'static,
+) {
     let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = DropFlag(Arc::clone(&dropped));
     let serve = async move {
         let _flag = flag;
         std::future::pending::<()>().await;
     };
+    (dropped, serve)
+}
+
+#[tokio::test]
+async fn serve_until_stops_the_server_before_it_returns() {
+    let (dropped, serve) = endless_server();
     let stop = tokio::time::sleep(Duration::from_millis(20));
     assert_eq!(bounded(serve_until(serve, stop)).await, None);
     // Aborted and awaited: nothing of the server is left running.
@@ -239,12 +248,7 @@ async fn serve_until_stops_the_server_before_it_returns() {
 
 #[tokio::test]
 async fn dropping_serve_until_aborts_the_server() {
-    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = DropFlag(Arc::clone(&dropped));
-    let serve = async move {
-        let _flag = flag;
-        std::future::pending::<()>().await;
-    };
+    let (dropped, serve) = endless_server();
     let waited = tokio::time::timeout(
         Duration::from_millis(20),
         serve_until(serve, std::future::pending()),
