@@ -74,6 +74,32 @@ struct ObjAttr {
     file_flags: u32,
 }
 
+/// bpf(2): `cmd` with `attr` as its member of `union bpf_attr` (the kernel
+/// reads `size_of::<A>()` bytes and zero-extends the rest). The
+/// non-negative result, else the OS error.
+///
+/// # Safety
+/// `A` must be the `#[repr(C)]` layout the kernel expects for `cmd`, and
+/// every pointer inside `attr` must stay valid, for the reads and writes
+/// `cmd` makes through it, for the duration of the call.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live value of `size_of::<A>()` bytes; what the
+    // kernel does through the pointers inside it is the caller's contract.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const A,
+            std::mem::size_of::<A>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// Opens the BPF object (map, program or link) pinned at `path`.
 pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c_path = CString::new(path.as_os_str().as_bytes())
@@ -83,20 +109,10 @@ pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: bpf(BPF_OBJ_GET) reads `size_of::<ObjAttr>()` bytes from a
-    // live #[repr(C)] value whose `pathname` points at a NUL-terminated
-    // string that outlives the call; it writes no user memory.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjAttr,
-            std::mem::size_of::<ObjAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: `ObjAttr` is BPF_OBJ_GET's layout; `pathname` points at a
+    // NUL-terminated string that outlives the call; no user memory is
+    // written.
+    let rc = unsafe { bpf(BPF_OBJ_GET, &attr) }?;
     // SAFETY: on success BPF_OBJ_GET returns a new descriptor that nothing
     // else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(rc as libc::c_int) })
@@ -108,22 +124,9 @@ pub(crate) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let attr = LinkDetachAttr {
         link_fd: link.as_raw_fd() as u32,
     };
-    // SAFETY: bpf(BPF_LINK_DETACH) reads `size_of::<LinkDetachAttr>()` bytes
-    // from a pointer to a live, initialised, #[repr(C)] value; the kernel
-    // zero-extends the rest of `union bpf_attr`. No memory is written.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &attr as *const LinkDetachAttr,
-            std::mem::size_of::<LinkDetachAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: `LinkDetachAttr` is BPF_LINK_DETACH's layout; it holds no
+    // pointer and no memory is written.
+    unsafe { bpf(BPF_LINK_DETACH, &attr) }.map(|_| ())
 }
 
 /// The inode of the network namespace a netns link (sk_lookup) is attached
@@ -143,21 +146,10 @@ pub(crate) fn netns_link_ino(link: BorrowedFd<'_>) -> io::Result<u32> {
         info_len: std::mem::size_of::<LinkInfoNetns>() as u32,
         info: &mut info as *mut LinkInfoNetns as u64,
     };
-    // SAFETY: bpf(BPF_OBJ_GET_INFO_BY_FD) reads `size_of::<InfoAttr>()`
-    // bytes from a live #[repr(C)] value and writes at most `info_len` bytes
-    // into `info`, a live, exclusively borrowed #[repr(C)] buffer of exactly
-    // that size made only of integers.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoAttr,
-            std::mem::size_of::<InfoAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: `InfoAttr` is BPF_OBJ_GET_INFO_BY_FD's layout; the kernel
+    // writes at most `info_len` bytes into `info`, a live, exclusively
+    // borrowed #[repr(C)] buffer of exactly that size made only of integers.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
     if info.kind != BPF_LINK_TYPE_NETNS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
