@@ -35,6 +35,64 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Per-sandbox proxy limits and the upstream trust of TLS interception.
     pub proxy: ProxyLimits,
+    /// Which runtime new sandboxes get, and the VM runtime's settings.
+    pub runtime: RuntimeConfig,
+}
+
+/// Where the guest image is installed by `./scripts/deps`.
+pub const DEFAULT_GUEST_DIR: &str = "/usr/local/lib/tollgate/guest";
+
+/// Runtime selection.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// `auto` (the `vm` runtime where QEMU and the guest image are installed,
+    /// else `netns`), `vm` (fail at start without them) or `netns`.
+    pub backend: String,
+    /// The VM runtime.
+    pub vm: VmSettings,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            backend: "auto".into(),
+            vm: VmSettings::default(),
+        }
+    }
+}
+
+/// Settings of the QEMU microVM runtime.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmSettings {
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The guest initramfs (busybox and the agent).
+    pub initramfs: PathBuf,
+    /// `auto` (KVM when `/dev/kvm` is usable hardware virtualisation, TCG
+    /// otherwise, e.g. on a paravirtual PVM `/dev/kvm`), `kvm` or `tcg`.
+    pub accel: String,
+    /// TCG translation cache in MiB (bounds each VM's resident memory).
+    pub tb_size_mib: Option<u32>,
+    /// Where cold-booted template images are cached (default:
+    /// `<state_dir>/vm/templates`). Daemons may share one.
+    pub template_dir: Option<PathBuf>,
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        Self {
+            qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            kernel: Path::new(DEFAULT_GUEST_DIR).join("vmlinuz"),
+            initramfs: Path::new(DEFAULT_GUEST_DIR).join("initramfs.img"),
+            accel: "auto".into(),
+            tb_size_mib: Some(64),
+            template_dir: None,
+        }
+    }
 }
 
 /// DNS settings.
@@ -151,6 +209,7 @@ impl Default for Config {
             templates: Vec::new(),
             dns: DnsConfig::default(),
             proxy: ProxyLimits::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -220,6 +279,16 @@ impl Config {
         anyhow::ensure!(
             self.network.pool.prefix_len() <= 29,
             "network.pool must be /29 or larger"
+        );
+        anyhow::ensure!(
+            matches!(self.runtime.backend.as_str(), "auto" | "vm" | "netns"),
+            "runtime.backend must be \"auto\", \"vm\" or \"netns\", not {:?}",
+            self.runtime.backend
+        );
+        anyhow::ensure!(
+            matches!(self.runtime.vm.accel.as_str(), "auto" | "kvm" | "tcg"),
+            "runtime.vm.accel must be \"auto\", \"kvm\" or \"tcg\", not {:?}",
+            self.runtime.vm.accel
         );
         for t in &self.templates {
             anyhow::ensure!(

@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tollgate::api::{Api, Keys};
 use tollgate::config::Config;
+use tollgate::runtime::any::{Backend, Runtimes};
 use tollgate::runtime::netns::{NetnsConfig, NetnsRuntime};
+use tollgate::runtime::vm::{choose_accel, VmConfig, VmRuntime};
 use tollgate::service::{Org, Service};
 
 #[derive(Parser)]
@@ -142,6 +144,45 @@ fn default_key(state_dir: &Path) -> anyhow::Result<String> {
     Ok(key)
 }
 
+/// The runtime of this daemon: `netns` always, `vm` as configured
+/// (`auto`: where QEMU and the guest image are installed).
+fn runtimes(cfg: &Config, netns: NetnsRuntime, resolv_conf: &Path) -> anyhow::Result<Runtimes> {
+    let rc = &cfg.runtime;
+    if rc.backend == "netns" {
+        tracing::info!(backend = "netns", "runtime: netns (configured)");
+        return Ok(Runtimes::new(netns, None, Backend::Netns));
+    }
+    let (accel, why) = choose_accel(&rc.vm.accel).map_err(anyhow::Error::msg)?;
+    let vm_cfg = VmConfig {
+        qemu: rc.vm.qemu.clone(),
+        kernel: rc.vm.kernel.clone(),
+        initramfs: rc.vm.initramfs.clone(),
+        accel,
+        tb_size_mib: rc.vm.tb_size_mib,
+        run_dir: cfg.state_dir.join("vm").join("run"),
+        template_dir: rc
+            .vm
+            .template_dir
+            .clone()
+            .unwrap_or_else(|| cfg.state_dir.join("vm").join("templates")),
+        system_roots: PathBuf::from(tollgate_proxy::intercept::SYSTEM_BUNDLE),
+        resolv_conf: std::fs::read_to_string(resolv_conf)
+            .with_context(|| format!("cannot read {}", resolv_conf.display()))?,
+    };
+    match (vm_cfg.check_installed(), rc.backend.as_str()) {
+        (Ok(()), _) => {
+            let vm = VmRuntime::new(vm_cfg).map_err(|e| anyhow::anyhow!("vm runtime: {e}"))?;
+            tracing::info!(backend = "vm", accel = accel.as_str(), reason = %why, "runtime: QEMU microVMs");
+            Ok(Runtimes::new(netns, Some(vm), Backend::Vm))
+        }
+        (Err(missing), "vm") => anyhow::bail!("runtime.backend = \"vm\": {missing}"),
+        (Err(missing), _) => {
+            tracing::warn!(reason = %missing, "runtime: netns (the vm runtime is not installed)");
+            Ok(Runtimes::new(netns, None, Backend::Netns))
+        }
+    }
+}
+
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
@@ -186,13 +227,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("host network setup")?;
     let resolv_conf = write_resolv_conf()?;
     // The state dir (API key, store, CA keys) is hidden in every sandbox.
-    let runtime = NetnsRuntime::new(NetnsConfig {
+    let netns = NetnsRuntime::new(NetnsConfig {
         exe,
         hide_paths: vec![cfg.state_dir.clone()],
-        resolv_conf: Some(resolv_conf),
+        resolv_conf: Some(resolv_conf.clone()),
         files_dir: Some(PathBuf::from(RUN_DIR).join("sandboxes")),
         system_roots: PathBuf::from(tollgate_proxy::intercept::SYSTEM_BUNDLE),
     });
+    let runtime = runtimes(&cfg, netns, &resolv_conf)?;
     tollgate_ebpf::ensure_bpffs().context("bpffs")?;
     let floor = tollgate::dataplane::floor(
         &cfg.network.deny_cidrs,
@@ -259,6 +301,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
+                service.reap_dead().await;
                 service.expire().await;
             }
         })

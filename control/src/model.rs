@@ -136,6 +136,10 @@ pub struct SnapshotRecord {
     pub source_sandbox: String,
     /// Creation time, unix seconds.
     pub created_at: i64,
+    /// The memory image (`vm` runtime); `None`: a restore starts the
+    /// template afresh (`netns` runtime).
+    #[serde(default)]
+    pub memory: Option<crate::runtime::MemoryImage>,
 }
 
 /// A fresh identifier: `prefix` + 20 random lowercase alphanumerics.

@@ -727,6 +727,60 @@ pub async fn teardown(info: &NetworkInfo) -> Result<(), NetError> {
 }
 
 // ---------------------------------------------------------------------------
+// a VM's wire
+
+/// The bridge inside a VM sandbox's namespace that joins the VM's tap to
+/// `eth0`: the sandbox namespace becomes a plain wire and the guest kernel
+/// holds the sandbox's address.
+pub const VM_BRIDGE_IF: &str = "br0";
+/// The tap QEMU creates inside a VM sandbox's namespace.
+pub const VM_TAP_IF: &str = "tap0";
+
+/// Turns the sandbox namespace of `info` into a wire for a VM: IPv6 off in
+/// it (no link-local chatter, and `tap0` is born without it), `eth0`'s
+/// addresses and routes removed (the guest owns them; the namespace must not
+/// answer ARP for them), and `eth0` a port of the bridge [`VM_BRIDGE_IF`].
+/// Idempotent. The router namespace, `tgs0`, eBPF and nftables are untouched.
+pub async fn prepare_vm_wire(info: &NetworkInfo) -> Result<(), NetError> {
+    let path = netns_path(&info.netns);
+    ns::run_in(&path, "VM wire sysctls", || {
+        ns::write_sysctls(&[
+            ("net/ipv6/conf/default/disable_ipv6", "1"),
+            ("net/ipv6/conf/all/disable_ipv6", "1"),
+        ])
+    })
+    .await?;
+    let nl = Nl::in_netns(&path).await?;
+    let eth = nl.require(&info.guest_if).await?;
+    nl.flush_addrs(eth, &info.guest_if).await?;
+    let br = nl.ensure_bridge(VM_BRIDGE_IF).await?;
+    nl.set_master(eth, &info.guest_if, br).await?;
+    nl.set_up(eth, &info.guest_if).await?;
+    nl.set_up(br, VM_BRIDGE_IF).await
+}
+
+/// Adds the VM's tap `tap` (created by QEMU in the sandbox namespace) to the
+/// wire [`prepare_vm_wire`] made, and sets it up.
+pub async fn attach_vm_tap(info: &NetworkInfo, tap: &str) -> Result<(), NetError> {
+    let nl = Nl::in_netns(&netns_path(&info.netns)).await?;
+    let br = nl.require(VM_BRIDGE_IF).await?;
+    let t = nl.require(tap).await?;
+    nl.set_master(t, tap, br).await?;
+    nl.set_up(t, tap).await
+}
+
+/// Runs `f` on a fresh OS thread inside the network namespace `name` (a
+/// process spawned there is born in that namespace).
+pub async fn run_in_netns<T, F>(name: &str, what: &str, f: F) -> Result<T, NetError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, NetError> + Send + 'static,
+{
+    ns::validate_netns_name(name)?;
+    ns::run_in(&netns_path(name), what, f).await
+}
+
+// ---------------------------------------------------------------------------
 // proxy listeners
 
 /// The proxy's listening sockets in a router namespace.

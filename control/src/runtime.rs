@@ -50,6 +50,24 @@ pub struct SandboxSpec {
     /// the runtime makes the guest trust it (see [`Runtime::install_ca`]).
     /// `None`: nothing is installed.
     pub ca_pem: Option<String>,
+    /// The memory snapshot to restore (a snapshot taken by
+    /// [`Runtime::snapshot`]); `None`: start from the template.
+    pub image: Option<MemoryImage>,
+}
+
+/// A memory snapshot on disk: what a restore maps and loads. Kept in the
+/// snapshot record; the files live in `dir`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryImage {
+    /// Backend that took it (`vm`).
+    pub backend: String,
+    /// Directory holding `ram` (guest RAM, mapped copy-on-write by every
+    /// restore) and `state` (device state, a QEMU migration stream).
+    pub dir: PathBuf,
+    /// vCPUs of the machine the image was taken from (a restore gets the same).
+    pub vcpu: u32,
+    /// Guest RAM in MiB (the size of `ram`).
+    pub memory_mib: u32,
 }
 
 /// Handle a runtime returns for a started sandbox; persisted so that a
@@ -65,6 +83,10 @@ pub struct RuntimeHandle {
     /// The network the sandbox was started on (the one given to
     /// [`Runtime::start`]).
     pub network: NetworkInfo,
+    /// The backend's per-sandbox directory (the `vm` backend: QMP and agent
+    /// sockets, console log); `None` for backends without one.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 /// Result of a command run inside a sandbox.
@@ -107,6 +129,14 @@ pub enum RuntimeError {
     /// The operation needs privileges the daemon does not have.
     #[error("insufficient privileges: {0}")]
     Privilege(String),
+    /// A snapshot's memory image cannot be used here: files missing, or a
+    /// backend this host does not run (the API answers 409).
+    #[error("{0}")]
+    Unusable(String),
+    /// A snapshot's memory image is damaged: the restore was refused or
+    /// failed while loading it.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 /// A sandbox runtime backend. It manages processes (or VMs) only, never the
@@ -153,9 +183,18 @@ pub trait Runtime: Send + Sync + 'static {
         id: &str,
         slot: u32,
     ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
-    /// After a daemon restart: is this sandbox still alive (same PID, same start
-    /// time, sandbox namespace present)?
+    /// After a daemon restart, and while it runs: is this sandbox still alive
+    /// (same PID, same start time, sandbox namespace present)?
     fn is_alive(&self, handle: &RuntimeHandle) -> bool;
+    /// Takes a memory snapshot of a running or paused sandbox into `dir`
+    /// (created by the runtime; removed again on failure) and leaves the
+    /// sandbox as it was. `Ok(None)`: this backend keeps no memory state (a
+    /// restore starts the template afresh).
+    fn snapshot(
+        &self,
+        handle: &RuntimeHandle,
+        dir: &std::path::Path,
+    ) -> impl std::future::Future<Output = Result<Option<MemoryImage>, RuntimeError>> + Send;
     /// Makes sandbox `id` trust `ca_pem` (its CA certificate) in addition to
     /// the host's roots: the netns backend writes the bundle the sandbox's
     /// `SSL_CERT_FILE` & co. point at. [`Runtime::start`] does it for a new
@@ -169,4 +208,6 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
 }
 
+pub mod any;
 pub mod netns;
+pub mod vm;

@@ -18,7 +18,8 @@ use crate::events::NetEvent;
 use crate::model::{new_id, now, SandboxRecord, SnapshotRecord, State};
 use crate::net::{self, NetPlan};
 use crate::runtime::{
-    ExecOutput, ExecRequest, Runtime, RuntimeError, RuntimeHandle, SandboxSpec, Template,
+    ExecOutput, ExecRequest, MemoryImage, Runtime, RuntimeError, RuntimeHandle, SandboxSpec,
+    Template,
 };
 use crate::store::{Store, StoreError};
 use crate::validate::{CreateRequest, ExecRequestBody, RestoreRequest, SnapshotRequest};
@@ -44,7 +45,8 @@ pub enum ServiceError {
     /// The host has no room for the requested compute (503).
     #[error("no runner capacity: {0}")]
     Capacity(String),
-    /// The runtime failed (500).
+    /// The runtime failed (500; a snapshot the runtime cannot use is a
+    /// [`ServiceError::Conflict`], see [`ServiceError::from_runtime`]).
     #[error("runtime: {0}")]
     Runtime(#[from] RuntimeError),
     /// The store failed (500).
@@ -53,6 +55,18 @@ pub enum ServiceError {
     /// The data plane (eBPF filter, listeners) failed (500).
     #[error("data plane: {0}")]
     Dataplane(#[from] DataplaneError),
+}
+
+impl ServiceError {
+    /// A runtime failure: 409 when the runtime cannot use what it was given
+    /// (a snapshot whose files are gone, or of a backend this host lacks),
+    /// else 500.
+    pub fn from_runtime(e: RuntimeError) -> Self {
+        match e {
+            RuntimeError::Unusable(m) => ServiceError::Conflict(m),
+            other => ServiceError::Runtime(other),
+        }
+    }
 }
 
 /// An organization as the service knows it.
@@ -252,6 +266,7 @@ impl<R: Runtime> Service<R> {
             req.timeout_secs,
             req.auto_pause,
             Some(snap.id),
+            snap.memory.clone(),
         )
         .await
     }
@@ -283,6 +298,7 @@ impl<R: Runtime> Service<R> {
             req.timeout_secs,
             req.auto_pause,
             None,
+            None,
         )
         .await
     }
@@ -299,6 +315,7 @@ impl<R: Runtime> Service<R> {
         timeout_secs: u64,
         auto_pause: bool,
         snapshot_id: Option<String>,
+        image: Option<MemoryImage>,
     ) -> Result<SandboxRecord, ServiceError> {
         let max = self.orgs.get(org).map_or(0, |o| o.max_sandboxes);
         let record = {
@@ -368,6 +385,7 @@ impl<R: Runtime> Service<R> {
             vcpu,
             memory_mib,
             ca_pem: None,
+            image,
         };
         let started = async {
             let network = net::setup(&self.net_plan(), &spec.id, spec.slot)
@@ -381,7 +399,10 @@ impl<R: Runtime> Service<R> {
                         ca_pem: self.dataplane.ca_pem(&spec.id),
                         ..spec.clone()
                     };
-                    self.runtime.start(&spec, &network).await.map_err(ServiceError::from)
+                    self.runtime
+                        .start(&spec, &network)
+                        .await
+                        .map_err(ServiceError::from_runtime)
                 }
                 Err(e) => Err(ServiceError::from(e)),
             };
@@ -419,6 +440,11 @@ impl<R: Runtime> Service<R> {
                 Err(e)
             }
         }
+    }
+
+    /// Where the memory image of snapshot `id` is kept.
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("snapshots").join(id)
     }
 
     fn slot_capacity(&self) -> u32 {
@@ -583,8 +609,20 @@ impl<R: Runtime> Service<R> {
             &[State::Running, State::Paused],
             State::Snapshotting,
         )?;
+        let snap_id = new_id("snp-");
+        let dir = self.snapshot_dir(&snap_id);
+        let memory = match &before.runtime {
+            Some(h) => match self.runtime.snapshot(h, &dir).await {
+                Ok(m) => m,
+                Err(e) => {
+                    self.set_state(id, before.state)?;
+                    return Err(ServiceError::from_runtime(e));
+                }
+            },
+            None => None,
+        };
         let snap = SnapshotRecord {
-            id: new_id("snp-"),
+            id: snap_id,
             name,
             org: org.to_string(),
             template_id: before.template_id.clone(),
@@ -595,6 +633,7 @@ impl<R: Runtime> Service<R> {
             network_policy: before.network_policy.clone(),
             source_sandbox: before.id.clone(),
             created_at: now(),
+            memory,
         };
         let stored = {
             let mut inner = self.lock();
@@ -617,6 +656,9 @@ impl<R: Runtime> Service<R> {
             }
         };
         self.set_state(id, before.state)?;
+        if stored.is_err() {
+            remove_snapshot_files(&dir);
+        }
         stored?;
         tracing::info!(sandbox = %id, snapshot = %snap.id, org, "snapshot stored");
         if req.kill_sandbox_after {
@@ -768,7 +810,75 @@ impl<R: Runtime> Service<R> {
             .ok_or(ServiceError::NotFound("snapshot"))?;
         self.store.delete_snapshot(&key)?;
         inner.snapshots.remove(&key);
+        drop(inner);
+        // Running clones keep their private mapping of the RAM file.
+        remove_snapshot_files(&self.snapshot_dir(&key));
         Ok(())
+    }
+
+    // === dead sandboxes ===
+
+    /// Finds running or paused sandboxes whose process (the netns
+    /// supervisor, the VM's QEMU) died, releases what they held (network,
+    /// data plane, runtime files) and reports them `deleted` with a
+    /// `status_reason`. Called periodically by the daemon.
+    pub async fn reap_dead(&self) {
+        let candidates: Vec<SandboxRecord> = self
+            .lock()
+            .sandboxes
+            .values()
+            .filter(|r| matches!(r.state, State::Running | State::Paused))
+            .filter(|r| {
+                r.runtime
+                    .as_ref()
+                    .is_some_and(|h| !self.runtime.is_alive(h))
+            })
+            .cloned()
+            .collect();
+        for r in candidates {
+            let Some(h) = r.runtime.clone() else { continue };
+            // Claim it: a concurrent delete or snapshot wins.
+            if self
+                .transition(
+                    &r.org,
+                    &r.id,
+                    &[State::Running, State::Paused],
+                    State::Deleting,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            let what = if h.backend == crate::runtime::vm::BACKEND {
+                format!("its VM (QEMU pid {}) exited", h.pid)
+            } else {
+                format!("its process (pid {}) exited", h.pid)
+            };
+            tracing::warn!(sandbox = %r.id, reason = %what, "sandbox died; releasing it");
+            let released = stop_and_teardown(&self.runtime, &self.dataplane, &r.id, &h).await;
+            let mut inner = self.lock();
+            let Some(rec) = inner.sandboxes.get_mut(&r.id) else {
+                continue;
+            };
+            match released {
+                Ok(()) => {
+                    rec.state = State::Deleted;
+                    rec.runtime = None;
+                    rec.status_reason = Some(format!("lost: {what} (was {})", r.state.as_str()));
+                }
+                Err(e) => {
+                    rec.status_reason = Some(format!("lost: {what}; release failed: {e}"));
+                }
+            }
+            rec.state_changed_at = now();
+            if let Err(e) = self.store.put_sandbox(rec) {
+                tracing::error!(sandbox = %r.id, error = %e, "cannot store a dead sandbox");
+            }
+            if rec.state == State::Deleted {
+                let slot = rec.slot;
+                inner.slots.remove(&slot);
+            }
+        }
     }
 
     // === timeouts ===
@@ -830,4 +940,16 @@ async fn release_and_teardown<R: Runtime>(
     let info = net::info_for(&NetPlan::from(&cfg.network), id, slot).map_err(RuntimeError::from)?;
     net::teardown(&info).await.map_err(RuntimeError::from)?;
     Ok(())
+}
+
+/// Removes a snapshot's memory image directory (best effort: a failure is
+/// logged, the record is already gone or never stored).
+fn remove_snapshot_files(dir: &std::path::Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a snapshot's files")
+        }
+    }
 }

@@ -434,12 +434,43 @@ impl Drop for Daemon {
     }
 }
 
+/// The `[runtime]` section of a daemon that runs QEMU microVMs on the guest
+/// image `./scripts/guest-image` built in `target/guest`, with the template
+/// images cached in `target/vm-templates` (shared by every test daemon, so
+/// a template is cold-booted once per test run, not per test). Panics with
+/// the command to run when the image or QEMU is missing.
+pub fn vm_runtime_section() -> String {
+    let guest = crate::privileged::guest_image_dir();
+    let templates = guest.parent().expect("target dir").join("vm-templates");
+    format!(
+        r#"
+[runtime]
+backend = "vm"
+
+[runtime.vm]
+kernel = "{}"
+initramfs = "{}"
+template_dir = "{}"
+"#,
+        guest.join("vmlinuz").display(),
+        guest.join("initramfs.img").display(),
+        templates.display()
+    )
+}
+
 /// A new, empty state dir and a config file beside it.
 pub fn fresh_state(name: &str, config: &str) -> (PathBuf, PathBuf) {
     let state = std::env::temp_dir().join(format!("tollgate-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
     std::fs::create_dir_all(&state).expect("create test state dir");
     let cfg = state.with_extension("toml");
+    // Tests pick their runtime; those that do not say run on netns (they
+    // use host tools inside their sandboxes), whatever the host has.
+    let config = if config.contains("[runtime]") {
+        config.to_owned()
+    } else {
+        format!("{config}\n[runtime]\nbackend = \"netns\"\n")
+    };
     std::fs::write(&cfg, config).expect("write test config");
     (state, cfg)
 }

@@ -42,6 +42,32 @@ pub fn require_root() {
     }
 }
 
+/// `target/guest`, holding the guest kernel and initramfs that
+/// `./scripts/guest-image` builds; panics (never skips) with the commands to
+/// run when they or QEMU are missing.
+pub fn guest_image_dir() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let dir = workspace.join("target").join("guest");
+    let missing: Vec<String> = [
+        dir.join("vmlinuz"),
+        dir.join("initramfs.img"),
+        PathBuf::from("/usr/bin/qemu-system-x86_64"),
+    ]
+    .into_iter()
+    .filter(|p| !p.is_file())
+    .map(|p| p.display().to_string())
+    .collect();
+    assert!(
+        missing.is_empty(),
+        "the VM tests need QEMU and the guest image; missing: {}. \
+         Run: sudo ./scripts/deps (installs QEMU and builds the guest), or ./scripts/guest-image",
+        missing.join(", ")
+    );
+    dir
+}
+
 /// Path of the `tollgate` binary of the profile the tests were built with
 /// (`target/<profile>/tollgate`). It is (re)built once per test process with
 /// `cargo build -p tollgate --bin tollgate` (a no-op when up to date), so a

@@ -65,6 +65,7 @@ fn spec(id: &str, slot: u32, command: &[&str]) -> SandboxSpec {
         vcpu: 1,
         memory_mib: 256,
         ca_pem: None,
+        image: None,
     }
 }
 

@@ -313,3 +313,64 @@ impl Nl {
         result.map_err(|e| self.err(&format!("add route local {fam} table {table}"), e))
     }
 }
+
+// === bridging a VM's tap ===
+
+impl Nl {
+    /// Creates the bridge `name` unless a link of that name exists.
+    pub async fn ensure_bridge(&self, name: &str) -> Result<u32, NetError> {
+        if let Some(l) = self.link(name).await? {
+            return Ok(l.index);
+        }
+        match self
+            .handle
+            .link()
+            .add()
+            .bridge(name.to_owned())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if errno_of(&e) == Some(libc::EEXIST) => {}
+            Err(e) => return Err(self.err(&format!("create bridge {name}"), e)),
+        }
+        self.require(name).await
+    }
+
+    /// Makes link `index` a port of the bridge `master`.
+    pub async fn set_master(&self, index: u32, name: &str, master: u32) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .set(index)
+            .controller(master)
+            .execute()
+            .await
+            .map_err(|e| self.err(&format!("attach {name} to its bridge"), e))
+    }
+
+    /// Deletes every address of link `index`.
+    pub async fn flush_addrs(&self, index: u32, name: &str) -> Result<(), NetError> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut found = Vec::new();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| self.err(&format!("list addresses of {name}"), e))?
+        {
+            found.push(msg);
+        }
+        for msg in found {
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if errno_of(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) => return Err(self.err(&format!("delete an address of {name}"), e)),
+            }
+        }
+        Ok(())
+    }
+}

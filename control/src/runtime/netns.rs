@@ -192,10 +192,15 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     proc_stat(pid).map(|s| s.start)
 }
 
+/// Is `pid` still the live (non-zombie) process that started at `start`
+/// (`/proc/<pid>/stat` field 22)?
+pub fn process_alive(pid: i32, start: u64) -> bool {
+    pid > 0 && matches!(proc_stat(pid), Some(s) if s.start == start && s.state != 'Z')
+}
+
 /// Is the handle's supervisor still the same live (non-zombie) process?
 fn supervisor_alive(handle: &RuntimeHandle) -> bool {
-    handle.pid > 0
-        && matches!(proc_stat(handle.pid), Some(s) if s.start == handle.pid_start && s.state != 'Z')
+    process_alive(handle.pid, handle.pid_start)
 }
 
 type NsId = (u64, u64);
@@ -554,6 +559,7 @@ impl NetnsRuntime {
             pid,
             pid_start,
             network: network.clone(),
+            dir: None,
         };
         guard.armed = Some(handle.clone());
 
@@ -650,6 +656,12 @@ impl Runtime for NetnsRuntime {
         if spec.template.command.is_empty() {
             return Err(RuntimeError::Process("template command is empty".into()));
         }
+        if let Some(image) = &spec.image {
+            return Err(RuntimeError::Unusable(format!(
+                "the snapshot holds the memory of a {} sandbox, which the netns runtime cannot restore",
+                image.backend
+            )));
+        }
         if spec.uid == 0 {
             return Err(RuntimeError::Privilege(
                 "sandboxes must run as an unprivileged uid, not 0".into(),
@@ -715,6 +727,15 @@ impl Runtime for NetnsRuntime {
         // Everything of the sandbox runs in its network namespace, found by id.
         kill_everything(None, &net::netns_name(id)).await?;
         self.remove_files(id)
+    }
+
+    async fn snapshot(
+        &self,
+        _handle: &RuntimeHandle,
+        _dir: &Path,
+    ) -> Result<Option<super::MemoryImage>, RuntimeError> {
+        // Processes on the host: no memory state is kept.
+        Ok(None)
     }
 
     async fn install_ca(
