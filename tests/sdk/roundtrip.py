@@ -51,6 +51,10 @@ def main():
         injected = policy["transforms"][0]["inject_headers"]["Authorization"]
         check("sk-sdk-secret" not in injected, "secret returned by the API")
 
+        res = restored.process.execute(command="echo $GREETING")
+        check(res.exit_code == 0, f"execute in the restored sandbox: exit {res.exit_code} stderr {res.stderr!r}")
+        check(res.stdout.strip() == "hi", f"restored sandbox env: {res.stdout!r}")
+
         got = client.sandboxes.get(restored.id)
         check(got.id == restored.id and got.timeout == 900, f"get {got!r}")
 

@@ -1,6 +1,6 @@
 //! The official `leap0` Python SDK (PyPI) is a real client of tollgate: it
 //! creates, executes in, snapshots, restores with a custom policy, gets,
-//! lists, pauses and deletes against a real daemon.
+//! lists, pauses and deletes against a real daemon, on both runtimes.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -32,6 +32,22 @@ fn python_is_at_least_3_12(py: &PathBuf) -> bool {
 
 #[test]
 fn official_python_sdk_round_trip() {
+    round_trip("sdk", &default_config("10.212.0.0/20"));
+}
+
+/// The same flow on QEMU microVMs: create (a restore of the template's
+/// memory snapshot), snapshot, restore with a policy, execute, delete.
+#[test]
+fn official_python_sdk_round_trip_on_vms() {
+    let config = format!(
+        "{}\n{}",
+        default_config("10.212.16.0/20"),
+        tollgate_tests::daemon::vm_runtime_section()
+    );
+    round_trip("sdk-vm", &config);
+}
+
+fn round_trip(name: &str, config: &str) {
     let py = python();
     let probe = Command::new(&py).args(["-c", "import leap0"]).output();
     let ok = probe.as_ref().is_ok_and(|o| o.status.success());
@@ -41,7 +57,7 @@ fn official_python_sdk_round_trip() {
          python3 -m venv target/sdk-venv && target/sdk-venv/bin/pip install leap0",
         py.display()
     );
-    let d = Daemon::start("sdk", &default_config("10.212.0.0/20"));
+    let d = Daemon::start(name, config);
     let sdk_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk");
     // The daemon's API lives in its lab's host namespace.
     let mut cmd = Command::new("nsenter");
