@@ -113,7 +113,8 @@ pub fn prepare_exec(
         r.argv,
         r.env,
         r.cwd,
-        r.timeout_ms.map(Duration::from_millis),
+        // Absent, null or 0: no timeout.
+        r.timeout_ms.filter(|&t| t > 0).map(Duration::from_millis),
         configured_env,
     )
 }
@@ -358,4 +359,95 @@ pub fn run_spawn(p: Prepared) -> Result<Value, String> {
     let pid = sys::spawn_detached(&path_c, &argv_c, &envp_c, &cwd_c)
         .map_err(|e| format!("spawn: {}: {e}", p.argv[0]))?;
     Ok(json!({ "pid": pid }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(script: &str, timeout_ms: Option<u64>) -> Value {
+        let req = json!({"argv": ["sh", "-c", script], "timeout_ms": timeout_ms});
+        let p = prepare_exec(req, &BTreeMap::new()).expect("prepare");
+        run_exec(p).expect("run")
+    }
+
+    #[test]
+    fn exit_codes_and_output() {
+        let r = run("echo out; echo err >&2; exit 7", Some(10_000));
+        assert_eq!(
+            r,
+            json!({"exit_code": 7, "stdout": "out\n", "stderr": "err\n"})
+        );
+        assert_eq!(run("kill -KILL $$", None)["exit_code"], 137);
+    }
+
+    #[test]
+    fn timeout_kills_the_group_and_background_children_do_not_hold_the_answer() {
+        let t = Instant::now();
+        assert_eq!(run("sleep 30 & sleep 30", Some(200))["exit_code"], 124);
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        let t = Instant::now();
+        let r = run("sleep 3 & echo started", Some(10_000));
+        assert_eq!(r["stdout"], "started\n");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn output_is_capped() {
+        let r = run("head -c 17000000 /dev/zero", None);
+        assert_eq!(r["stdout"].as_str().map(str::len), Some(OUTPUT_CAP));
+        assert_eq!(r["exit_code"], 0);
+    }
+
+    #[test]
+    fn not_found_and_not_executable_like_a_shell() {
+        let env = BTreeMap::new();
+        let p = prepare_exec(json!({"argv": ["no-such-program-xyz"]}), &env).expect("prepare");
+        let r = run_exec(p).expect("run");
+        assert_eq!(r["exit_code"], 127);
+        let p = prepare_exec(json!({"argv": ["/etc/passwd"]}), &env).expect("prepare");
+        assert_eq!(run_exec(p).expect("run")["exit_code"], 126);
+        assert!(prepare_exec(json!({"argv": []}), &env).is_err());
+        assert!(prepare_exec(json!({"argv": ["sh"], "cwd": "/no/such/dir"}), &env).is_err());
+        assert!(prepare_exec(json!({"argv": ["sh"], "env": {"A=B": "c"}}), &env).is_err());
+    }
+
+    #[test]
+    fn spawn_reports_the_pid_or_the_exec_error() {
+        let env = BTreeMap::new();
+        let p = prepare_spawn(json!({"argv": ["true"]}), &env).expect("prepare");
+        let pid = run_spawn(p).expect("spawn")["pid"].as_i64().expect("pid");
+        assert!(pid > 1);
+        let p = prepare_spawn(json!({"argv": ["no-such-daemon-xyz"]}), &env).expect("prepare");
+        assert!(run_spawn(p).is_err());
+        // Found in PATH but the exec itself fails (no interpreter): reported.
+        let dir = std::env::temp_dir().join(format!("tollgate-agent-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let script = dir.join("bad-interp");
+        std::fs::write(&script, "#!/no/such/interpreter\n").expect("write");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let p = prepare_spawn(json!({"argv": [script.to_str().expect("utf-8")]}), &env)
+            .expect("prepare");
+        let err = run_spawn(p).expect_err("exec error");
+        assert!(err.contains("No such file"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn env_layers_request_over_configured_over_defaults() {
+        let configured = BTreeMap::from([
+            ("A".to_string(), "configured".to_string()),
+            ("B".to_string(), "configured".to_string()),
+        ]);
+        let p = prepare_exec(
+            json!({"argv": ["sh", "-c", "echo $A $B $HOME $PATH"], "env": {"B": "request"}}),
+            &configured,
+        )
+        .expect("prepare");
+        let r = run_exec(p).expect("run");
+        assert_eq!(
+            r["stdout"],
+            format!("configured request /root {DEFAULT_PATH}\n")
+        );
+    }
 }

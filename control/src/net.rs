@@ -97,6 +97,9 @@ pub const GUEST_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// Prefix length of the guest's IPv4 network.
 pub const GUEST_PREFIX_V4: u8 = 24;
+/// MAC address of the router's `tgs0` (the guest's gateway), the same in
+/// every sandbox (locally administered).
+pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x74, 0x67, 0x02];
 /// The guest's IPv6 address (the same in every sandbox).
 pub const GUEST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7467, 0, 0, 0, 0, 0, 0x15);
 /// The guest's IPv6 gateway (the router's `tgs0`).
@@ -587,6 +590,9 @@ async fn build(info: &NetworkInfo, created: &mut Created) -> Result<(), NetError
         .await?;
     router.set_up(up, &info.uplink_if).await?;
     let gw = router.require(&info.gateway_if).await?;
+    // The same gateway MAC in every sandbox: a guest restored from a memory
+    // snapshot keeps the neighbour entry it had, and it stays right.
+    router.set_mac(gw, &info.gateway_if, GATEWAY_MAC).await?;
     router
         .add_addr(
             gw,

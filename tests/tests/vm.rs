@@ -390,3 +390,193 @@ fn a_killed_daemon_leaves_vms_running_and_its_restart_adopts_them() {
     assert!(t0.elapsed() < Duration::from_secs(15));
     assert!(qemu_of(&id).is_empty());
 }
+
+/// Four clones of one memory snapshot, four policies, each obeyed by the
+/// same eBPF program and proxy as a netns sandbox's: evidence from the lab's
+/// canary (every packet that reaches the upstream side) and from recording
+/// TLS origins.
+#[test]
+fn four_clones_of_one_snapshot_each_obey_their_own_policy() {
+    use std::collections::HashMap;
+    use tollgate_tests::lab::{PRIVATE4, PUBLIC4};
+    use tollgate_tests::origin::{CertKind, Origin, OriginSpec};
+    use tollgate_tests::upstream::{Answer, ScriptedDns, TestCa};
+
+    const DNS: &str = "198.51.100.53";
+    const SECRET: &str = "Bearer sk-tollgate-vm-0123456789abcdef";
+    let _s = serial();
+    let ca = TestCa::new("vm-four");
+    let ca_file = std::env::temp_dir().join("tollgate-vm-four-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).expect("write test CA");
+    let config = format!(
+        r#"
+[[organizations]]
+name = "default"
+api_keys = []
+max_sandboxes = 20
+
+[host]
+vcpu = 16
+memory_mib = 16384
+
+[network]
+pool = "10.214.64.0/20"
+
+[dns]
+upstreams = ["{DNS}:53"]
+
+[proxy]
+upstream_ca_file = "{}"
+{}
+"#,
+        ca_file.display(),
+        vm_runtime_section()
+    );
+    let mut d = Daemon::start("vm-four", &config);
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("ip") };
+    let mut origins = HashMap::new();
+    let mut table = HashMap::new();
+    for (name, addr) in [
+        ("api.test", "198.51.100.40"),
+        ("tunnel.test", "198.51.100.41"),
+    ] {
+        d.lab.add_upstream_addr(ip(addr));
+        let spec = OriginSpec::new(&[name], ip(addr)).cert(CertKind::Valid);
+        origins.insert(name, Origin::start(&d.lab, &ca, spec));
+        table.insert(name.to_string(), Answer::Fixed(vec![ip(addr)], 60));
+    }
+    d.lab.add_upstream_addr(ip(DNS));
+    let _dns = ScriptedDns::start(&d.lab, ip(DNS), table);
+
+    let src = create(&mut d, &json!({ "memory": 512 }));
+    let src_id = src["id"].as_str().expect("id").to_owned();
+    // The test CA goes into the snapshot's memory (tmpfs): tunnelled names
+    // present the origins' own certificates.
+    sh_ok(
+        &mut d,
+        &src_id,
+        &format!("cat > /tmp/test-ca.pem <<'EOF'\n{}\nEOF", ca.pem.trim()),
+    );
+    snapshot(&mut d, &src_id, "vm-four-snap");
+    let del = d.delete_sandbox(&src_id);
+    assert_eq!(del.status, StatusCode::NO_CONTENT);
+
+    let policies = [
+        json!({ "mode": "deny-all" }),
+        json!({ "mode": "custom", "allow_cidrs": [format!("{PUBLIC4}/32")] }),
+        json!({ "mode": "custom", "allow_domains": ["tunnel.test"] }),
+        json!({ "mode": "custom", "transforms": [{
+            "domain": "api.test", "inject_headers": { "Authorization": SECRET } }] }),
+    ];
+    let mut ids = Vec::new();
+    for p in &policies {
+        let (status, c) = resume(
+            &mut d,
+            &json!({ "snapshot_name": "vm-four-snap", "network_policy": p }),
+        );
+        assert_eq!(status, StatusCode::CREATED, "{c}\n{}", d.log());
+        ids.push(c["id"].as_str().expect("id").to_owned());
+    }
+    let canary = d.lab.canary.clone();
+    let nc = |host: std::net::Ipv4Addr| format!("nc -w 3 {host} 80 </dev/null >/dev/null 2>&1");
+    let curl = |url: &str, extra: &str| {
+        format!("curl -sS --max-time 10 {extra} -o /dev/null -w '%{{http_code}}' {url}")
+    };
+
+    // deny-all: nothing reaches the canary, TCP, UDP or DNS.
+    canary.clear();
+    let (code, _, _) = d.sh(&ids[0], &nc(PUBLIC4), 30);
+    assert_ne!(code, 0, "deny-all connected");
+    let (code, _, _) = d.sh(
+        &ids[0],
+        &curl("https://tunnel.test/echo", "--cacert /tmp/test-ca.pem"),
+        30,
+    );
+    assert_ne!(code, 0, "deny-all reached tunnel.test");
+    let _ = d.sh(&ids[0], "nslookup tunnel.test 10.0.2.2 >/dev/null 2>&1", 30);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        canary.seen().is_empty(),
+        "deny-all clone reached the upstream: {:?}",
+        canary.seen()
+    );
+
+    // allow_cidrs: the allowed address is reached, a private one is not.
+    canary.clear();
+    let (code, _, err) = d.sh(&ids[1], &nc(PUBLIC4), 30);
+    assert_eq!(code, 0, "allowed CIDR not reached: {err}");
+    // (A TCP handshake to an address outside allow_cidrs completes with
+    // the proxy, which waits for a name: the canary is the evidence.)
+    let _ = d.sh(&ids[1], &nc(PRIVATE4), 30);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !canary.to(PUBLIC4.into()).is_empty(),
+        "canary saw nothing from the allowed clone"
+    );
+    assert!(
+        canary.to(PRIVATE4.into()).is_empty(),
+        "canary saw the private address"
+    );
+
+    // allow_domains: tunnelled untouched (the origin's own certificate
+    // verifies), and nothing else is allowed.
+    canary.clear();
+    let out = sh_ok(
+        &mut d,
+        &ids[2],
+        &curl("https://tunnel.test/echo", "--cacert /tmp/test-ca.pem"),
+    );
+    assert_eq!(out, "200");
+    let r = origins["tunnel.test"].wait_requests(1, Duration::from_secs(10));
+    assert!(r
+        .last()
+        .is_some_and(|r| r.header("authorization").is_none()));
+    let _ = d.sh(&ids[2], &nc(PUBLIC4), 30);
+    let (_, out, _) = d.sh(&ids[2], &curl(&format!("http://{PUBLIC4}/"), ""), 30);
+    assert_eq!(out, "403", "plain HTTP to an address outside the policy");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        canary.to(PUBLIC4.into()).is_empty(),
+        "canary reached by the domain-only clone"
+    );
+
+    // transform: intercepted with this clone's own CA (curl trusts the
+    // bundle the runtime installed, no flags), the secret injected upstream
+    // and nowhere inside the guest.
+    let out = sh_ok(&mut d, &ids[3], &curl("https://api.test/echo", ""));
+    assert_eq!(out, "200");
+    let r = origins["api.test"].wait_requests(1, Duration::from_secs(10));
+    assert_eq!(
+        r.last().expect("request").header_all("authorization"),
+        vec![SECRET]
+    );
+    let leak = d.sh(
+        &ids[3],
+        "grep -rl sk-tollgate-vm /run /tmp /etc 2>/dev/null; env | grep -c sk-tollgate-vm; \
+         curl -sS https://api.test/echo | grep -c sk-tollgate-vm",
+        30,
+    );
+    assert!(!leak.1.contains("/"), "secret in a guest file: {}", leak.1);
+    assert!(
+        leak.1.lines().all(|l| l.trim() == "0"),
+        "secret visible in the guest: {}",
+        leak.1
+    );
+    // Each clone trusts its own CA and no other clone's.
+    let mut cas = Vec::new();
+    for id in &ids {
+        // What the guest trusts, and what the daemon serves this sandbox on
+        // its gateway (the CA its proxy intercepts with).
+        let inside = sh_ok(&mut d, id, "cat /run/tollgate/ca.pem");
+        let own = sh_ok(&mut d, id, "curl -sS --max-time 10 http://10.0.2.2/ca.pem");
+        assert!(own.starts_with("-----BEGIN CERTIFICATE-----"), "{own}");
+        cas.push((inside, own));
+    }
+    for (i, (inside, _)) in cas.iter().enumerate() {
+        for (j, (_, own)) in cas.iter().enumerate() {
+            let same = inside.trim() == own.trim();
+            assert_eq!(same, i == j, "clone {i} sees clone {j}'s CA: {same}");
+        }
+    }
+    let _ = std::fs::remove_file(&ca_file);
+}

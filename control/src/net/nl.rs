@@ -337,6 +337,17 @@ impl Nl {
         self.require(name).await
     }
 
+    /// Sets the MAC address of link `index`.
+    pub async fn set_mac(&self, index: u32, name: &str, mac: [u8; 6]) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .set(index)
+            .address(mac.to_vec())
+            .execute()
+            .await
+            .map_err(|e| self.err(&format!("set the MAC address of {name}"), e))
+    }
+
     /// Makes link `index` a port of the bridge `master`.
     pub async fn set_master(&self, index: u32, name: &str, master: u32) -> Result<(), NetError> {
         self.handle

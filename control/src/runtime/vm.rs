@@ -301,7 +301,7 @@ impl VmRuntime {
         // emulation runs slowly (a loaded host, a small translation cache)
         // and the boot then hangs: the host's TSC rate is given instead.
         let tsc = match (self.config.accel, host_tsc_khz()) {
-            (Accel::Tcg, Some(khz)) => format!(" tsc_early_khz={khz}"),
+            (Accel::Tcg, Some(khz)) => format!(" tsc=reliable tsc_early_khz={khz}"),
             _ => String::new(),
         };
         format!(
@@ -651,7 +651,6 @@ impl VmRuntime {
         let run = self.run_dir_of(&spec.id)?;
         let _ = fs::remove_dir_all(&run);
         create_private_dir(&run)?;
-        net::prepare_vm_wire(network).await?;
         let ram = image.dir.join(RAM_FILE);
         let m = Machine {
             vcpu: image.vcpu,
@@ -664,7 +663,24 @@ impl VmRuntime {
             paused: false,
             agent: true,
         };
-        let q = self.spawn(&m, Some(&network.netns)).await?;
+        // QEMU starts while the namespace becomes a wire; its tap joins the
+        // bridge once both are done.
+        let (wire, q) = tokio::join!(
+            net::prepare_vm_wire(network),
+            self.spawn(&m, Some(&network.netns))
+        );
+        let q = match (wire, q) {
+            (Ok(()), Ok(q)) => q,
+            (Err(e), Ok(q)) => {
+                kill_and_wait(q).await;
+                let _ = fs::remove_dir_all(&run);
+                return Err(e.into());
+            }
+            (_, Err(e)) => {
+                let _ = fs::remove_dir_all(&run);
+                return Err(e);
+            }
+        };
         let handle = RuntimeHandle {
             backend: BACKEND.into(),
             pid: q.pid,
@@ -724,6 +740,7 @@ impl VmRuntime {
                 }
             }
             let running_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let running_at_unix_ms = unix_ms();
             drop(qmp);
             let conn = Arc::new(
                 AgentConn::connect(&run.join(AGENT_SOCK), QMP_WAIT)
@@ -742,6 +759,7 @@ impl VmRuntime {
                 "spawned_ms": spawned_ms,
                 "running_ms": running_ms,
                 "configured_ms": configured_ms,
+                "running_at_unix_ms": running_at_unix_ms,
             });
             write_private(&run.join("timings.json"), timings.to_string().as_bytes())?;
             tracing::info!(sandbox = %spec.id, spawned_ms, running_ms, configured_ms, image = %image.dir.display(), "VM restored");
@@ -1134,6 +1152,14 @@ fn guest_env(spec: &SandboxSpec) -> BTreeMap<String, String> {
     env
 }
 
+/// Wall-clock milliseconds since the epoch.
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
 /// The host CPU's clock in kHz (`cpu MHz` of `/proc/cpuinfo`), which TCG
 /// guests see as their TSC rate.
 fn host_tsc_khz() -> Option<u64> {
@@ -1146,7 +1172,7 @@ fn host_tsc_khz() -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
+    (mhz > 0.0).then_some((mhz * 1000.0).round() as u64)
 }
 
 fn hostname_of(id: &str) -> String {

@@ -72,7 +72,13 @@ impl AgentConn {
                 }
             }
         };
-        let (r, w) = stream.into_split();
+        let (r, mut w) = stream.into_split();
+        // The agent keeps a partial line across disconnects: a bare newline
+        // ends whatever an earlier connection left half-written (the agent
+        // answers it with one error line, which matches no call).
+        w.write_all(b"\n")
+            .await
+            .map_err(|e| AgentError::Channel(format!("{}: {e}", path.display())))?;
         let pending: Pending = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
         let reader = {
