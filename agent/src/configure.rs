@@ -16,6 +16,10 @@ use crate::sys;
 pub const RUN_DIR: &str = "/run/tollgate";
 pub const CA_PEM: &str = "/run/tollgate/ca.pem";
 pub const CA_BUNDLE: &str = "/run/tollgate/ca-bundle.crt";
+/// The host's roots, baked into the image: with `ca_roots_from_image` the
+/// bundle is these plus `ca_pem`, and the host need not send 200 KB of roots
+/// through the port after every restore.
+pub const IMAGE_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub const SANDBOX_ID: &str = "/run/tollgate/sandbox-id";
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 const BUSYBOX: &str = "/bin/busybox";
@@ -45,6 +49,8 @@ struct ConfigureRequest {
     ca_pem: Option<String>,
     #[serde(default)]
     ca_bundle: Option<String>,
+    #[serde(default)]
+    ca_roots_from_image: bool,
     #[serde(default)]
     resolv_conf: Option<String>,
     #[serde(default)]
@@ -106,20 +112,20 @@ fn flush_neighbours() -> Result<(), String> {
     };
     ifaces.retain(|i| i != "lo");
     ifaces.sort();
+    // One run per interface: without a family, busybox flushes both (each
+    // process costs milliseconds in an emulated guest).
     for iface in ifaces {
-        for family in ["-4", "-6"] {
-            let out = Command::new(BUSYBOX)
-                .args(["ip", family, "neigh", "flush", "dev", &iface])
-                .env_clear()
-                .output()
-                .map_err(|e| format!("{BUSYBOX} ip neigh flush: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "ip {family} neigh flush dev {iface}: {} {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+        let out = Command::new(BUSYBOX)
+            .args(["ip", "neigh", "flush", "dev", &iface])
+            .env_clear()
+            .output()
+            .map_err(|e| format!("{BUSYBOX} ip neigh flush: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip neigh flush dev {iface}: {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
     }
     Ok(())
@@ -161,8 +167,23 @@ pub fn configure(config: &mut Config, req: Value) -> Result<Value, String> {
     if let Some(pem) = &req.ca_pem {
         write_atomic(CA_PEM, pem.as_bytes()).map_err(|e| format!("{CA_PEM}: {e}"))?;
     }
-    if let Some(bundle) = &req.ca_bundle {
-        write_atomic(CA_BUNDLE, bundle.as_bytes()).map_err(|e| format!("{CA_BUNDLE}: {e}"))?;
+    let bundle = match (&req.ca_bundle, &req.ca_pem, req.ca_roots_from_image) {
+        (Some(b), _, _) => Some(b.clone().into_bytes()),
+        (None, Some(pem), true) => {
+            let mut b = fs::read(IMAGE_ROOTS).map_err(|e| format!("{IMAGE_ROOTS}: {e}"))?;
+            if !b.is_empty() && !b.ends_with(b"\n") {
+                b.push(b'\n');
+            }
+            b.extend_from_slice(pem.as_bytes());
+            if !b.ends_with(b"\n") {
+                b.push(b'\n');
+            }
+            Some(b)
+        }
+        _ => None,
+    };
+    if let Some(bundle) = &bundle {
+        write_atomic(CA_BUNDLE, bundle).map_err(|e| format!("{CA_BUNDLE}: {e}"))?;
     }
     write_atomic(SANDBOX_ID, format!("{}\n", req.sandbox_id).as_bytes())
         .map_err(|e| format!("{SANDBOX_ID}: {e}"))?;
@@ -175,7 +196,7 @@ pub fn configure(config: &mut Config, req: Value) -> Result<Value, String> {
     }
 
     let mut new_env = env;
-    if req.ca_bundle.is_some() {
+    if bundle.is_some() {
         for var in CA_ENV_VARS {
             new_env.insert(var.to_string(), CA_BUNDLE.to_string());
         }

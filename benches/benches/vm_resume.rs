@@ -106,7 +106,9 @@ pool = "10.217.0.0/16"
         &d,
         Method::POST,
         "/v1/sandbox",
-        Some(json!({"memory": 512, "network_policy": {"mode": "deny-all"}})),
+        // Allowed, with nothing listening yet: every try is refused at once,
+        // so the snapshot catches the loop between tries, not inside one.
+        Some(json!({"memory": 512, "network_policy": policy})),
     );
     assert_eq!(s, StatusCode::CREATED, "{body}");
     let src = body["id"].as_str().expect("id").to_string();
@@ -166,8 +168,10 @@ pool = "10.217.0.0/16"
         .expect("timings");
         let run_ms = timings["running_at_unix_ms"].as_f64().expect("running_at") - t0_unix;
         let conn_ms = ms(first.duration_since(t0));
+        let spawned = timings["spawned_ms"].as_f64().unwrap_or(f64::NAN);
+        let in_runtime = timings["running_ms"].as_f64().unwrap_or(f64::NAN);
         eprintln!(
-            "vm_resume {}/{n}: vCPU running after {run_ms:.1} ms, 201 after {answered:.1} ms, first TCP connection after {conn_ms:.1} ms",
+            "vm_resume {}/{n}: vCPU running after {run_ms:.1} ms ({in_runtime:.1} ms of it in the runtime, QEMU up after {spawned:.1}), 201 after {answered:.1} ms, first TCP connection after {conn_ms:.1} ms",
             i + 1
         );
         running.push(run_ms);

@@ -217,6 +217,9 @@ pub struct VmRuntime {
     /// Identifies the guest build: part of every template image's key.
     guest_id: String,
     agents: Channels,
+    /// The image holds the same roots as [`VmConfig::system_roots`] (its
+    /// `manifest.json` says so): the guest builds the CA bundle itself.
+    roots_in_image: bool,
     /// One cold boot at a time (a template image is built once).
     cold_boot: tokio::sync::Mutex<()>,
 }
@@ -274,9 +277,12 @@ impl VmRuntime {
             fs::create_dir_all(d)
                 .map_err(|e| RuntimeError::Process(format!("create {}: {e}", d.display())))?;
         }
+        let roots_in_image = image_has_roots(&config);
+        tracing::info!(roots_in_image, "guest image");
         Ok(Self {
             config,
             guest_id,
+            roots_in_image,
             agents: Channels::default(),
             cold_boot: tokio::sync::Mutex::new(()),
         })
@@ -787,9 +793,12 @@ impl VmRuntime {
         run: &Path,
         cfg: &GuestConfig,
     ) -> Result<(), RuntimeError> {
+        // The image carries the host's roots (ca-certificates.crt, copied
+        // at build time): the agent appends the CA to them. The bundle is
+        // sent whole only when the host's roots are not the image's.
         let bundle = match &cfg.ca_pem {
-            Some(pem) => Some(self.bundle(pem)?),
-            None => None,
+            Some(pem) if !self.roots_in_image => Some(self.bundle(pem)?),
+            _ => None,
         };
         let clock = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -801,6 +810,7 @@ impl VmRuntime {
         f.insert("env".into(), json!(cfg.env));
         f.insert("ca_pem".into(), json!(cfg.ca_pem));
         f.insert("ca_bundle".into(), json!(bundle));
+        f.insert("ca_roots_from_image".into(), json!(self.roots_in_image));
         f.insert("resolv_conf".into(), json!(self.config.resolv_conf));
         f.insert("clock_unix_ns".into(), json!(clock));
         conn.call("configure", f, AGENT_TIMEOUT)
@@ -1119,6 +1129,24 @@ impl Runtime for VmRuntime {
             .map_err(|e| RuntimeError::Process(e.to_string()))?;
         self.configure(&conn, dir, &cfg).await
     }
+}
+
+/// Does the guest image carry the host's roots? `manifest.json` beside the
+/// initramfs records their sha256 (`./scripts/guest-image`).
+fn image_has_roots(config: &VmConfig) -> bool {
+    let Some(dir) = config.initramfs.parent() else {
+        return false;
+    };
+    let Ok(text) = fs::read(dir.join("manifest.json")) else {
+        return false;
+    };
+    let Ok(manifest) = serde_json::from_slice::<Value>(&text) else {
+        return false;
+    };
+    let Ok(roots) = fs::read(&config.system_roots) else {
+        return false;
+    };
+    manifest["roots_sha256"].as_str() == Some(hex(&Sha256::digest(&roots)).as_str())
 }
 
 /// vCPUs and RAM (MiB) of the VM behind `qmp`.
