@@ -3,7 +3,7 @@
 //! per round.
 //!
 //! The snapshot is taken of a VM in which a busybox loop tries a TCP
-//! connection to the lab's upstream (198.51.100.10:7070) every 5 ms. That
+//! connection to the lab's upstream (198.51.100.10:7070) every 20 ms. That
 //! loop is in the snapshot's memory, so a restored clone goes on trying the
 //! moment its vCPU runs; the bench's listener there stamps the first
 //! connection it accepts. Each round `POST /v1/snapshot/resume` with a policy
@@ -19,7 +19,9 @@
 //!   connection from inside the guest accepted by the allowed host;
 //! * memory: unique RSS (private pages of the QEMU process,
 //!   `Private_Clean + Private_Dirty`) per idle clone and host memory
-//!   (`MemAvailable` drop) per clone, with K clones of one snapshot idle.
+//!   (`MemAvailable` drop) per clone, with K sandboxes created from the
+//!   template (clones of its memory snapshot running an idle shell; the
+//!   probe loop would keep them busy).
 //!
 //! `sudo -E env "PATH=$PATH" cargo bench -p tollgate-benches --bench vm_resume`
 
@@ -113,7 +115,7 @@ pool = "10.217.0.0/16"
     assert_eq!(s, StatusCode::CREATED, "{body}");
     let src = body["id"].as_str().expect("id").to_string();
     let loop_cmd = format!(
-        "setsid sh -c 'while :; do nc -w 1 {PUBLIC4} {PORT} </dev/null >/dev/null 2>&1; usleep 5000; done' </dev/null >/dev/null 2>&1 &"
+        "setsid sh -c 'while :; do nc -w 1 {PUBLIC4} {PORT} </dev/null >/dev/null 2>&1; usleep 20000; done' </dev/null >/dev/null 2>&1 &"
     );
     let (s, body) = call(
         &d,
@@ -181,7 +183,7 @@ pool = "10.217.0.0/16"
         assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
     }
 
-    // K idle clones of the one snapshot.
+    // K idle clones of the template's snapshot.
     std::thread::sleep(Duration::from_millis(500));
     let avail0 = proc_kib(None, "MemAvailable:");
     let mut ids = Vec::new();
@@ -189,8 +191,8 @@ pool = "10.217.0.0/16"
         let (s, body) = call(
             &d,
             Method::POST,
-            "/v1/snapshot/resume",
-            Some(json!({"snapshot_name": SNAPSHOT, "network_policy": policy})),
+            "/v1/sandbox",
+            Some(json!({"memory": 512, "network_policy": policy})),
         );
         assert_eq!(s, StatusCode::CREATED, "idle clone {i}: {body}");
         ids.push(body["id"].as_str().expect("id").to_string());

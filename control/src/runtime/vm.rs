@@ -811,6 +811,9 @@ impl VmRuntime {
         f.insert("ca_pem".into(), json!(cfg.ca_pem));
         f.insert("ca_bundle".into(), json!(bundle));
         f.insert("ca_roots_from_image".into(), json!(self.roots_in_image));
+        // Every sandbox's gateway has the same address and MAC
+        // (`net::GATEWAY_MAC`): the guest's neighbour entry stays right.
+        f.insert("flush_neighbours".into(), json!(false));
         f.insert("resolv_conf".into(), json!(self.config.resolv_conf));
         f.insert("clock_unix_ns".into(), json!(clock));
         conn.call("configure", f, AGENT_TIMEOUT)
