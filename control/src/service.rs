@@ -387,14 +387,18 @@ impl<R: Runtime> Service<R> {
             ca_pem: None,
             image,
         };
+        let t0 = std::time::Instant::now();
+        let mut phases = (0.0, 0.0);
         let started = async {
             let network = net::setup(&self.net_plan(), &spec.id, spec.slot)
                 .await
                 .map_err(RuntimeError::from)?;
+            phases.0 = t0.elapsed().as_secs_f64() * 1e3;
             // Enforcement is in place before the sandbox's first process runs.
             // So is the sandbox's CA, which the runtime makes the guest trust.
             let attached = match self.dataplane.attach(&spec.id, &network, &record.network_policy).await {
                 Ok(()) => {
+                    phases.1 = t0.elapsed().as_secs_f64() * 1e3;
                     let spec = SandboxSpec {
                         ca_pem: self.dataplane.ca_pem(&spec.id),
                         ..spec.clone()
@@ -428,7 +432,9 @@ impl<R: Runtime> Service<R> {
                 r.state = State::Running;
                 r.state_changed_at = now();
                 self.store.put_sandbox(r)?;
-                tracing::info!(sandbox = %r.id, org, slot = r.slot, "sandbox running");
+                tracing::info!(sandbox = %r.id, org, slot = r.slot, network_ms = phases.0,
+                    dataplane_ms = phases.1 - phases.0, total_ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "sandbox running");
                 Ok(r.clone())
             }
             Err(e) => {

@@ -220,6 +220,9 @@ pub struct VmRuntime {
     /// The image holds the same roots as [`VmConfig::system_roots`] (its
     /// `manifest.json` says so): the guest builds the CA bundle itself.
     roots_in_image: bool,
+    /// What a restore passes as `-kernel` (and no `-initrd`): the kernel's
+    /// setup header alone (see [`restore_kernel`]), or the whole kernel.
+    restore_kernel: (PathBuf, bool),
     /// One cold boot at a time (a template image is built once).
     cold_boot: tokio::sync::Mutex<()>,
 }
@@ -278,11 +281,13 @@ impl VmRuntime {
                 .map_err(|e| RuntimeError::Process(format!("create {}: {e}", d.display())))?;
         }
         let roots_in_image = image_has_roots(&config);
+        let restore_kernel = restore_kernel(&config)?;
         tracing::info!(roots_in_image, "guest image");
         Ok(Self {
             config,
             guest_id,
             roots_in_image,
+            restore_kernel,
             agents: Channels::default(),
             cold_boot: tokio::sync::Mutex::new(()),
         })
@@ -361,10 +366,18 @@ impl VmRuntime {
         ] {
             push(s.into());
         }
-        push("-kernel".into());
-        push(self.config.kernel.display().to_string());
-        push("-initrd".into());
-        push(self.config.initramfs.display().to_string());
+        // A restore's guest is past its boot: QEMU needs the kernel only for
+        // the boot ROM it adds (which the stream expects), not its bytes.
+        let (kernel, stub) = &self.restore_kernel;
+        if m.incoming && *stub {
+            push("-kernel".into());
+            push(kernel.display().to_string());
+        } else {
+            push("-kernel".into());
+            push(self.config.kernel.display().to_string());
+            push("-initrd".into());
+            push(self.config.initramfs.display().to_string());
+        }
         push("-append".into());
         push(self.cmdline());
         push("-chardev".into());
@@ -1132,6 +1145,31 @@ impl Runtime for VmRuntime {
             .map_err(|e| RuntimeError::Process(e.to_string()))?;
         self.configure(&conn, dir, &cfg).await
     }
+}
+
+/// The kernel a restore starts QEMU with. QEMU loads `-kernel` and
+/// `-initrd` into its own memory for the guest's firmware to fetch, 18 MB
+/// per clone that a restored guest never reads; what the migration stream
+/// needs is only the boot ROM QEMU adds for a kernel. So a restore gets the
+/// bzImage's setup header and one page (`<run_dir>/../restore-kernel`) and no
+/// initramfs. A kernel that is not a bzImage is passed whole (`false`).
+fn restore_kernel(config: &VmConfig) -> Result<(PathBuf, bool), RuntimeError> {
+    let whole = (config.kernel.clone(), false);
+    let Ok(bytes) = fs::read(&config.kernel) else {
+        return Ok(whole);
+    };
+    if bytes.len() < 0x260 || &bytes[0x202..0x206] != b"HdrS" {
+        return Ok(whole);
+    }
+    let sects = match bytes[0x1f1] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let len = ((sects + 1) * 512 + 4096).min(bytes.len());
+    let dir = config.run_dir.parent().unwrap_or(&config.run_dir);
+    let path = dir.join("restore-kernel");
+    write_private(&path, &bytes[..len])?;
+    Ok((path, true))
 }
 
 /// Does the guest image carry the host's roots? `manifest.json` beside the
