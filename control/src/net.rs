@@ -739,11 +739,9 @@ pub async fn teardown(info: &NetworkInfo) -> Result<(), NetError> {
 /// `eth0`: the sandbox namespace becomes a plain wire and the guest kernel
 /// holds the sandbox's address.
 pub const VM_BRIDGE_IF: &str = "br0";
-/// The tap QEMU creates inside a VM sandbox's namespace.
-pub const VM_TAP_IF: &str = "tap0";
 
 /// Turns the sandbox namespace of `info` into a wire for a VM: IPv6 off in
-/// it (no link-local chatter, and `tap0` is born without it), `eth0`'s
+/// it (no link-local chatter; the VM's tap gets none either), `eth0`'s
 /// addresses and routes removed (the guest owns them; the namespace must not
 /// answer ARP for them), and `eth0` a port of the bridge [`VM_BRIDGE_IF`].
 /// Idempotent. The router namespace, `tgs0`, eBPF and nftables are untouched.
@@ -765,10 +763,26 @@ pub async fn prepare_vm_wire(info: &NetworkInfo) -> Result<(), NetError> {
     nl.set_up(br, VM_BRIDGE_IF).await
 }
 
-/// Adds the VM's tap `tap` (created by QEMU in the sandbox namespace) to the
-/// wire [`prepare_vm_wire`] made, and sets it up.
-pub async fn attach_vm_tap(info: &NetworkInfo, tap: &str) -> Result<(), NetError> {
-    let nl = Nl::in_netns(&netns_path(&info.netns)).await?;
+/// Name of the tap QEMU creates for the VM on `slot` in the daemon's own
+/// namespace, before [`adopt_vm_tap`] moves it into the sandbox's.
+pub fn vm_tap_name(slot: u32) -> String {
+    format!("{VM_TAP_PREFIX}{slot}")
+}
+
+/// Prefix of a VM's tap while it lives in the daemon's namespace: `tgv<slot>`.
+pub const VM_TAP_PREFIX: &str = "tgv";
+
+/// Moves the VM's tap `tap` from the daemon's namespace (where QEMU made it,
+/// so that QEMU could start before the sandbox's network existed) into the
+/// sandbox namespace, adds it to the wire [`prepare_vm_wire`] made, and sets
+/// it up.
+pub async fn adopt_vm_tap(info: &NetworkInfo, tap: &str) -> Result<(), NetError> {
+    let path = netns_path(&info.netns);
+    let root = Nl::current()?;
+    if let Some(l) = root.link(tap).await? {
+        root.set_netns(l.index, tap, &path).await?;
+    }
+    let nl = Nl::in_netns(&path).await?;
     let br = nl.require(VM_BRIDGE_IF).await?;
     let t = nl.require(tap).await?;
     nl.set_master(t, tap, br).await?;

@@ -162,6 +162,13 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         handle: &RuntimeHandle,
     ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
+    /// Gets ready to start `spec` while the caller builds its network (the
+    /// `vm` backend starts QEMU, waiting for its memory image). Whatever
+    /// happens next, [`Runtime::start`] or [`Runtime::release`] follows.
+    fn prepare(
+        &self,
+        spec: &SandboxSpec,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
     /// Kills every process of the sandbox. Idempotent. The network stays
     /// (the caller tears it down with [`crate::net::teardown`]).
     fn stop(

@@ -390,35 +390,56 @@ impl<R: Runtime> Service<R> {
         let t0 = std::time::Instant::now();
         let mut phases = (0.0, 0.0);
         let started = async {
-            let network = net::setup(&self.net_plan(), &spec.id, spec.slot)
-                .await
-                .map_err(RuntimeError::from)?;
-            phases.0 = t0.elapsed().as_secs_f64() * 1e3;
-            // Enforcement is in place before the sandbox's first process runs.
-            // So is the sandbox's CA, which the runtime makes the guest trust.
-            let attached = match self.dataplane.attach(&spec.id, &network, &record.network_policy).await {
-                Ok(()) => {
-                    phases.1 = t0.elapsed().as_secs_f64() * 1e3;
-                    let spec = SandboxSpec {
-                        ca_pem: self.dataplane.ca_pem(&spec.id),
-                        ..spec.clone()
-                    };
-                    self.runtime
-                        .start(&spec, &network)
-                        .await
-                        .map_err(ServiceError::from_runtime)
+            // The runtime gets ready (a VM's QEMU starts, waiting for its
+            // memory) while the network and its enforcement are built.
+            let network_and_enforcement = async {
+                let network = net::setup(&self.net_plan(), &spec.id, spec.slot)
+                    .await
+                    .map_err(RuntimeError::from)?;
+                let network_ms = t0.elapsed().as_secs_f64() * 1e3;
+                // Enforcement is in place before the sandbox's first process
+                // runs. So is the sandbox's CA, which the runtime makes the
+                // guest trust.
+                match self
+                    .dataplane
+                    .attach(&spec.id, &network, &record.network_policy)
+                    .await
+                {
+                    Ok(()) => Ok((network, network_ms)),
+                    Err(e) => {
+                        self.undo_network(&spec.id, &network).await;
+                        Err(ServiceError::from(e))
+                    }
                 }
-                Err(e) => Err(ServiceError::from(e)),
             };
-            if attached.is_err() {
-                if let Err(e) = self.dataplane.detach(&spec.id).await {
-                    tracing::warn!(sandbox = %spec.id, error = %e, "failed start: data plane detach");
+            let (built, prepared) =
+                tokio::join!(network_and_enforcement, self.runtime.prepare(&spec));
+            let (network, network_ms) = match (built, prepared) {
+                (Ok(b), Ok(())) => b,
+                (Ok((network, _)), Err(e)) => {
+                    self.undo_network(&spec.id, &network).await;
+                    self.release_prepared(&spec.id, spec.slot).await;
+                    return Err(ServiceError::from_runtime(e));
                 }
-                if let Err(te) = net::teardown(&network).await {
-                    tracing::warn!(sandbox = %spec.id, error = %te, "failed start: network teardown");
+                (Err(e), _) => {
+                    self.release_prepared(&spec.id, spec.slot).await;
+                    return Err(e);
                 }
+            };
+            phases = (network_ms, t0.elapsed().as_secs_f64() * 1e3);
+            let spec = SandboxSpec {
+                ca_pem: self.dataplane.ca_pem(&spec.id),
+                ..spec.clone()
+            };
+            let started = self
+                .runtime
+                .start(&spec, &network)
+                .await
+                .map_err(ServiceError::from_runtime);
+            if started.is_err() {
+                self.undo_network(&spec.id, &network).await;
             }
-            attached
+            started
         }
         .await;
         match started {
@@ -445,6 +466,23 @@ impl<R: Runtime> Service<R> {
                 self.store.delete_sandbox(&record.id)?;
                 Err(e)
             }
+        }
+    }
+
+    /// A failed start: detaches the data plane and removes the network.
+    async fn undo_network(&self, id: &str, network: &net::NetworkInfo) {
+        if let Err(e) = self.dataplane.detach(id).await {
+            tracing::warn!(sandbox = %id, error = %e, "failed start: data plane detach");
+        }
+        if let Err(te) = net::teardown(network).await {
+            tracing::warn!(sandbox = %id, error = %te, "failed start: network teardown");
+        }
+    }
+
+    /// A failed start: releases what [`Runtime::prepare`] started.
+    async fn release_prepared(&self, id: &str, slot: u32) {
+        if let Err(e) = self.runtime.release(id, slot).await {
+            tracing::warn!(sandbox = %id, error = %e, "failed start: runtime release");
         }
     }
 

@@ -319,7 +319,12 @@ fn a_dead_qemu_is_reported_deleted_and_its_network_released() {
     assert_eq!(pids.len(), 1, "{pids:?}");
     let tap_before =
         tollgate_tests::privileged::run_in(&format!("tollgate-{id}"), &["ip", "-o", "link"]);
-    assert!(tap_before.contains("tap0"), "{tap_before}");
+    assert!(
+        tap_before
+            .lines()
+            .any(|l| l.contains(": tgv") && l.contains("master br0")),
+        "no VM tap on the sandbox's bridge: {tap_before}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pids[0]),
         nix::sys::signal::Signal::SIGKILL,

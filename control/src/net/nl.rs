@@ -337,6 +337,20 @@ impl Nl {
         self.require(name).await
     }
 
+    /// Moves link `index` into the network namespace at `ns`.
+    pub async fn set_netns(&self, index: u32, name: &str, ns: &Path) -> Result<(), NetError> {
+        let file = fs::File::open(ns).map_err(|e| nl_err(&format!("open {}", ns.display()), e))?;
+        let result = self
+            .handle
+            .link()
+            .set(index)
+            .setns_by_fd(file.as_raw_fd())
+            .execute()
+            .await;
+        drop(file);
+        result.map_err(|e| self.err(&format!("move {name} into {}", ns.display()), e))
+    }
+
     /// Sets the MAC address of link `index`.
     pub async fn set_mac(&self, index: u32, name: &str, mac: [u8; 6]) -> Result<(), NetError> {
         self.handle

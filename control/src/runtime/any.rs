@@ -64,6 +64,15 @@ impl Runtimes {
         })
     }
 
+    /// A memory image is restored by the backend that took it; anything
+    /// else starts on the default.
+    fn wants_vm(&self, spec: &SandboxSpec) -> bool {
+        match &spec.image {
+            Some(image) => image.backend == vm::BACKEND,
+            None => self.default == Backend::Vm,
+        }
+    }
+
     fn is_vm(handle: &RuntimeHandle) -> bool {
         handle.backend == vm::BACKEND
     }
@@ -75,16 +84,18 @@ impl Runtime for Runtimes {
         spec: &SandboxSpec,
         net: &NetworkInfo,
     ) -> Result<RuntimeHandle, RuntimeError> {
-        // A memory image is restored by the backend that took it; anything
-        // else starts on the default.
-        let vm = match &spec.image {
-            Some(image) => image.backend == vm::BACKEND,
-            None => self.default == Backend::Vm,
-        };
-        if vm {
+        if self.wants_vm(spec) {
             self.vm()?.start(spec, net).await
         } else {
             self.netns.start(spec, net).await
+        }
+    }
+
+    async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
+        if self.wants_vm(spec) {
+            self.vm()?.prepare(spec).await
+        } else {
+            self.netns.prepare(spec).await
         }
     }
 

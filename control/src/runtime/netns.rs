@@ -729,6 +729,10 @@ impl Runtime for NetnsRuntime {
         self.remove_files(id)
     }
 
+    async fn prepare(&self, _spec: &SandboxSpec) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     async fn snapshot(
         &self,
         _handle: &RuntimeHandle,

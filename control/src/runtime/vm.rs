@@ -22,9 +22,11 @@
 //!   writes the device state with `x-ignore-shared` and quits. The clone
 //!   carries on as it was.
 //!
-//! Network: QEMU runs inside the sandbox's network namespace and creates its
-//! tap there; [`crate::net::prepare_vm_wire`] removes the namespace's own
-//! addresses and bridges `eth0` to the tap, so the guest kernel holds
+//! Network: QEMU starts while the daemon builds the sandbox's network
+//! ([`Runtime::prepare`]), waiting for its memory image with a tap of its own
+//! in the daemon's namespace (`tgv<slot>`); [`crate::net::prepare_vm_wire`]
+//! removes the sandbox namespace's own addresses and makes a bridge of it,
+//! and [`crate::net::adopt_vm_tap`] moves the tap in and onto the bridge, so the guest kernel holds
 //! `10.0.2.15` and its frames reach the router's `tgs0` (eBPF, nftables, the
 //! proxy) exactly as a netns sandbox's do. Every clone keeps the guest
 //! address of its snapshot; the router NATs it.
@@ -223,6 +225,9 @@ pub struct VmRuntime {
     /// What a restore passes as `-kernel` (and no `-initrd`): the kernel's
     /// setup header alone (see [`restore_kernel`]), or the whole kernel.
     restore_kernel: (PathBuf, bool),
+    /// QEMU processes started by [`Runtime::prepare`], by sandbox id, until
+    /// [`Runtime::start`] takes them (or [`Runtime::release`] kills them).
+    prepared: std::sync::Mutex<std::collections::HashMap<String, Prepared>>,
     /// One cold boot at a time (a template image is built once).
     cold_boot: tokio::sync::Mutex<()>,
 }
@@ -234,6 +239,16 @@ struct GuestConfig {
     sandbox_id: String,
     env: BTreeMap<String, String>,
     ca_pem: Option<String>,
+}
+
+/// A QEMU waiting (`-incoming defer`) for the memory image of a sandbox
+/// whose network is still being built.
+struct Prepared {
+    q: Qemu,
+    image: MemoryImage,
+    /// Its tap, in the daemon's namespace until the network exists.
+    tap: String,
+    t0: Instant,
 }
 
 /// How one QEMU process is to be started.
@@ -288,6 +303,7 @@ impl VmRuntime {
             guest_id,
             roots_in_image,
             restore_kernel,
+            prepared: std::sync::Mutex::default(),
             agents: Channels::default(),
             cold_boot: tokio::sync::Mutex::new(()),
         })
@@ -658,48 +674,66 @@ impl VmRuntime {
         }
     }
 
-    /// Restores `image` as sandbox `spec.id` on `network`.
-    async fn restore(
-        &self,
-        spec: &SandboxSpec,
-        network: &NetworkInfo,
-        image: &MemoryImage,
-    ) -> Result<RuntimeHandle, RuntimeError> {
+    /// Starts the QEMU that will restore sandbox `spec`'s image (the
+    /// template's when the spec has none), in the daemon's namespace with a
+    /// tap of its own: it comes up while the sandbox's network is built.
+    async fn prepare_vm(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
         let t0 = Instant::now();
-        Self::check_image(image)?;
+        let image = match &spec.image {
+            Some(i) => i.clone(),
+            None => self.template_image(spec).await?,
+        };
+        Self::check_image(&image)?;
         let run = self.run_dir_of(&spec.id)?;
         let _ = fs::remove_dir_all(&run);
         create_private_dir(&run)?;
         let ram = image.dir.join(RAM_FILE);
+        let tap = net::vm_tap_name(spec.slot);
         let m = Machine {
             vcpu: image.vcpu,
             memory_mib: image.memory_mib,
             ram: &ram,
             share: false,
             run: &run,
-            tap: Some(net::VM_TAP_IF),
+            tap: Some(&tap),
             incoming: true,
             paused: false,
             agent: true,
         };
-        // QEMU starts while the namespace becomes a wire; its tap joins the
-        // bridge once both are done.
-        let (wire, q) = tokio::join!(
-            net::prepare_vm_wire(network),
-            self.spawn(&m, Some(&network.netns))
-        );
-        let q = match (wire, q) {
-            (Ok(()), Ok(q)) => q,
-            (Err(e), Ok(q)) => {
-                kill_and_wait(q).await;
-                let _ = fs::remove_dir_all(&run);
-                return Err(e.into());
-            }
-            (_, Err(e)) => {
+        let q = match self.spawn(&m, None).await {
+            Ok(q) => q,
+            Err(e) => {
                 let _ = fs::remove_dir_all(&run);
                 return Err(e);
             }
         };
+        let old = lock_map(&self.prepared).insert(spec.id.clone(), Prepared { q, image, tap, t0 });
+        if let Some(old) = old {
+            kill_and_wait(old.q).await;
+        }
+        Ok(())
+    }
+
+    /// Restores sandbox `spec` on `network` with the QEMU [`Self::prepare_vm`]
+    /// started (starting one now if it did not).
+    async fn restore(
+        &self,
+        spec: &SandboxSpec,
+        network: &NetworkInfo,
+    ) -> Result<RuntimeHandle, RuntimeError> {
+        let taken = lock_map(&self.prepared).remove(&spec.id);
+        let p = match taken {
+            Some(p) => p,
+            None => {
+                self.prepare_vm(spec).await?;
+                lock_map(&self.prepared)
+                    .remove(&spec.id)
+                    .ok_or_else(|| RuntimeError::Process("prepared VM vanished".into()))?
+            }
+        };
+        let (q, image, t0) = (p.q, p.image, p.t0);
+        let image = &image;
+        let run = self.run_dir_of(&spec.id)?;
         let handle = RuntimeHandle {
             backend: BACKEND.into(),
             pid: q.pid,
@@ -712,25 +746,34 @@ impl VmRuntime {
                 .await
                 .map_err(|e| RuntimeError::Process(format!("{e} ({})", Self::qemu_said(&run))))?;
             let spawned_ms = t0.elapsed().as_secs_f64() * 1e3;
-            qmp.ignore_shared(true).await.map_err(proc_err)?;
             let sock = run.join(MIGRATE_SOCK);
-            qmp.execute(
-                "migrate-incoming",
-                json!({ "uri": format!("unix:{}", sock.display()) }),
-            )
-            .await
-            .map_err(proc_err)?;
-            let state = tokio::fs::read(image.dir.join(STATE_FILE))
+            // The namespace becomes a wire and takes the tap while QEMU
+            // gets ready for the stream; the guest runs once both are done.
+            let wire = async {
+                net::prepare_vm_wire(network).await?;
+                net::adopt_vm_tap(network, &p.tap).await
+            };
+            let incoming = async {
+                qmp.ignore_shared(true).await.map_err(proc_err)?;
+                qmp.execute(
+                    "migrate-incoming",
+                    json!({ "uri": format!("unix:{}", sock.display()) }),
+                )
                 .await
-                .map_err(|e| RuntimeError::Corrupt(format!("read the snapshot's device state: {e}")))?;
-            let tap = net::attach_vm_tap(network, net::VM_TAP_IF);
-            let feed = async {
+                .map_err(proc_err)?;
+                tokio::fs::read(image.dir.join(STATE_FILE)).await.map_err(|e| {
+                    RuntimeError::Corrupt(format!("read the snapshot's device state: {e}"))
+                })
+            };
+            let (wired, state) = tokio::join!(wire, incoming);
+            wired?;
+            let state = state?;
+            let fed = async {
                 let mut s = connect_retry(&sock, QMP_WAIT).await?;
                 s.write_all(&state).await?;
                 s.shutdown().await
-            };
-            let (tapped, fed) = tokio::join!(tap, feed);
-            tapped?;
+            }
+            .await;
             let loaded = match fed {
                 Ok(()) => qmp.wait_loaded(LOAD_TIMEOUT).await,
                 Err(e) => {
@@ -971,11 +1014,11 @@ impl Runtime for VmRuntime {
                 net.netns
             )));
         }
-        let image = match &spec.image {
-            Some(i) => i.clone(),
-            None => self.template_image(spec).await?,
-        };
-        self.restore(spec, net, &image).await
+        self.restore(spec, net).await
+    }
+
+    async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
+        self.prepare_vm(spec).await
     }
 
     async fn pause(&self, handle: &RuntimeHandle) -> Result<(), RuntimeError> {
@@ -1057,6 +1100,10 @@ impl Runtime for VmRuntime {
 
     async fn release(&self, id: &str, _slot: u32) -> Result<(), RuntimeError> {
         self.agents.remove(id);
+        let prepared = lock_map(&self.prepared).remove(id);
+        if let Some(p) = prepared {
+            kill_and_wait(p.q).await;
+        }
         let run = self.run_dir_of(id)?;
         if let Ok(text) = fs::read_to_string(run.join(PID_FILE)) {
             let mut it = text.split_whitespace();
@@ -1246,6 +1293,10 @@ fn host_tsc_khz() -> Option<u64> {
 
 fn hostname_of(id: &str) -> String {
     id.chars().take(63).collect()
+}
+
+fn lock_map<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn proc_err(e: qmp::QmpError) -> RuntimeError {
