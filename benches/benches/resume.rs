@@ -29,24 +29,14 @@ use tollgate_benches::{
     ms, percentile, print_summary, proc_kib, quick, require_root, rounds, write_report, Figure,
     Target,
 };
-use tollgate_tests::daemon::{Daemon, KEY_DEFAULT};
+use tollgate_tests::daemon::Daemon;
 use tollgate_tests::lab::{in_netns, PUBLIC4};
 
 const SNAPSHOT: &str = "bench-resume-snap";
 /// Bound on one sandbox becoming reachable.
 const REACH_WITHIN: Duration = Duration::from_secs(20);
 
-fn call(
-    d: &Daemon,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> (StatusCode, serde_json::Value) {
-    let a = d
-        .call_raw(method.clone(), path, Some(KEY_DEFAULT), body.as_ref())
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (a.status, a.body)
-}
+use tollgate_benches::api_call as call;
 
 /// Connects from inside `ns` to the canary until it answers; false after
 /// [`REACH_WITHIN`].

@@ -35,7 +35,7 @@ use tollgate_benches::{
     ms, percentile, print_summary, proc_kib, quick, require_root, rounds, write_report, Figure,
     Target,
 };
-use tollgate_tests::daemon::{vm_runtime_section, Daemon, KEY_DEFAULT};
+use tollgate_tests::daemon::{vm_runtime_section, Daemon};
 use tollgate_tests::lab::{in_netns, PUBLIC4};
 
 const SNAPSHOT: &str = "bench-vm-resume-snap";
@@ -44,17 +44,7 @@ const PORT: u16 = 7070;
 /// Bound on one clone's first connection.
 const CONNECT_WITHIN: Duration = Duration::from_secs(30);
 
-fn call(
-    d: &Daemon,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> (StatusCode, serde_json::Value) {
-    let a = d
-        .call_raw(method.clone(), path, Some(KEY_DEFAULT), body.as_ref())
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (a.status, a.body)
-}
+use tollgate_benches::api_call as call;
 
 fn unix_ms() -> f64 {
     SystemTime::now()

@@ -480,3 +480,22 @@ pub fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// A call to a bench daemon's API as the default organization, without the
+/// OpenAPI check of the tests (benches time it): status and JSON body.
+pub fn api_call(
+    d: &tollgate_tests::daemon::Daemon,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (http::StatusCode, serde_json::Value) {
+    let a = d
+        .call_raw(
+            method.clone(),
+            path,
+            Some(tollgate_tests::daemon::KEY_DEFAULT),
+            body.as_ref(),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (a.status, a.body)
+}

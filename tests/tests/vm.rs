@@ -21,6 +21,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn vm_config(pool: &str) -> String {
+    vm_config_with(pool, "")
+}
+
+/// Room for 20 VMs on `pool`, the VM runtime, and `extra` TOML sections.
+fn vm_config_with(pool: &str, extra: &str) -> String {
     format!(
         r#"
 [[organizations]]
@@ -34,6 +39,7 @@ memory_mib = 16384
 
 [network]
 pool = "{pool}"
+{extra}
 {}
 "#,
         vm_runtime_section()
@@ -413,29 +419,12 @@ fn four_clones_of_one_snapshot_each_obey_their_own_policy() {
     let ca = TestCa::new("vm-four");
     let ca_file = std::env::temp_dir().join("tollgate-vm-four-ca.pem");
     std::fs::write(&ca_file, &ca.pem).expect("write test CA");
-    let config = format!(
-        r#"
-[[organizations]]
-name = "default"
-api_keys = []
-max_sandboxes = 20
-
-[host]
-vcpu = 16
-memory_mib = 16384
-
-[network]
-pool = "10.214.64.0/20"
-
-[dns]
-upstreams = ["{DNS}:53"]
-
-[proxy]
-upstream_ca_file = "{}"
-{}
-"#,
-        ca_file.display(),
-        vm_runtime_section()
+    let config = vm_config_with(
+        "10.214.64.0/20",
+        &format!(
+            "[dns]\nupstreams = [\"{DNS}:53\"]\n\n[proxy]\nupstream_ca_file = \"{}\"\n",
+            ca_file.display()
+        ),
     );
     let mut d = Daemon::start("vm-four", &config);
     let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("ip") };
