@@ -323,3 +323,17 @@ pub async fn serve_endpoint(
 
 #[cfg(test)]
 mod tests;
+
+/// A trust bundle: `roots` (PEM, possibly empty) followed by `ca_pem`, each
+/// ending in a newline. What a sandbox's `SSL_CERT_FILE` & co. point at.
+pub fn trust_bundle(roots: &[u8], ca_pem: &str) -> Vec<u8> {
+    let mut bundle = roots.to_vec();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(ca_pem.as_bytes());
+    if !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle
+}

@@ -53,22 +53,6 @@ fn guest_dir() -> PathBuf {
     dir
 }
 
-/// The host's TSC rate in kHz: under TCG the guest's TSC is the host's, and
-/// the guest's own PIT calibration fails on a loaded host (then the boot
-/// hangs), so it is given on the kernel command line.
-fn host_tsc_khz() -> Option<u64> {
-    let info = fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
-}
-
 fn unix_now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -104,7 +88,7 @@ impl Vm {
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("temp dir");
-        let tsc = host_tsc_khz()
+        let tsc = tollgate::runtime::vm::host_tsc_khz()
             .map(|k| format!(" tsc_early_khz={k}"))
             .unwrap_or_default();
         let append = format!("console=ttyS0 quiet panic=-1 tsc=reliable{tsc} {NET_ARGS}");

@@ -470,14 +470,7 @@ impl NetnsRuntime {
             }
             Err(e) => return Err(fail(&self.config.system_roots.display().to_string(), &e)),
         };
-        let mut bundle = roots;
-        if !bundle.is_empty() && !bundle.ends_with(b"\n") {
-            bundle.push(b'\n');
-        }
-        bundle.extend_from_slice(ca_pem.as_bytes());
-        if !bundle.ends_with(b"\n") {
-            bundle.push(b'\n');
-        }
+        let bundle = crate::ca::trust_bundle(&roots, ca_pem);
         for d in [self.config.files_dir.as_deref(), Some(dir.as_path())]
             .into_iter()
             .flatten()

@@ -507,6 +507,17 @@ impl VmRuntime {
         Ok(q)
     }
 
+    /// `e` with QEMU's own words (the end of `run/qemu.log`) added to a
+    /// process-control failure.
+    fn with_qemu_words(e: RuntimeError, run: &Path) -> RuntimeError {
+        match e {
+            RuntimeError::Process(msg) => {
+                RuntimeError::Process(format!("{msg} ({})", Self::qemu_said(run)))
+            }
+            other => other,
+        }
+    }
+
     /// QEMU's own words about a failure: the end of `qemu.log`.
     fn qemu_said(run: &Path) -> String {
         let text = tail(&run.join(QEMU_LOG), 600);
@@ -622,12 +633,7 @@ impl VmRuntime {
         for f in [QMP_SOCK, AGENT_SOCK, MIGRATE_SOCK, PID_FILE] {
             let _ = fs::remove_file(dir.join(f));
         }
-        booted.map_err(|e| match e {
-            RuntimeError::Process(msg) => {
-                RuntimeError::Process(format!("{msg} ({})", Self::qemu_said(dir)))
-            }
-            other => other,
-        })
+        booted.map_err(|e| Self::with_qemu_words(e, dir))
     }
 
     /// Checks that `image` is whole before a restore maps it.
@@ -882,9 +888,9 @@ impl VmRuntime {
 
     /// The host's roots followed by `ca_pem`.
     fn bundle(&self, ca_pem: &str) -> Result<String, RuntimeError> {
-        let mut b = match fs::read_to_string(&self.config.system_roots) {
+        let roots = match fs::read(&self.config.system_roots) {
             Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
                 return Err(RuntimeError::Process(format!(
                     "read {}: {e}",
@@ -892,14 +898,8 @@ impl VmRuntime {
                 )))
             }
         };
-        if !b.is_empty() && !b.ends_with('\n') {
-            b.push('\n');
-        }
-        b.push_str(ca_pem);
-        if !b.ends_with('\n') {
-            b.push('\n');
-        }
-        Ok(b)
+        let bundle = crate::ca::trust_bundle(&roots, ca_pem);
+        Ok(String::from_utf8_lossy(&bundle).into_owned())
     }
 
     fn handle_dir(handle: &RuntimeHandle) -> Result<&Path, RuntimeError> {
@@ -989,12 +989,7 @@ impl VmRuntime {
         }
         .await;
         kill_and_wait(q).await;
-        let done = done.map_err(|e| match e {
-            RuntimeError::Process(msg) => {
-                RuntimeError::Process(format!("{msg} ({})", Self::qemu_said(dir)))
-            }
-            other => other,
-        });
+        let done = done.map_err(|e| Self::with_qemu_words(e, dir));
         for f in [QMP_SOCK, AGENT_SOCK, MIGRATE_SOCK, PID_FILE, QEMU_LOG] {
             let _ = fs::remove_file(dir.join(f));
         }
@@ -1278,7 +1273,7 @@ fn unix_ms() -> f64 {
 
 /// The host CPU's clock in kHz (`cpu MHz` of `/proc/cpuinfo`), which TCG
 /// guests see as their TSC rate.
-fn host_tsc_khz() -> Option<u64> {
+pub fn host_tsc_khz() -> Option<u64> {
     let info = fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info
         .lines()
