@@ -9,6 +9,12 @@
 //! connection it accepts. Each round `POST /v1/snapshot/resume` with a policy
 //! that allows the address, then the clone is deleted.
 //!
+//! Two series: N rounds of one snapshot (from the second on, the daemon has
+//! a warm VM for it: QEMU waiting for the memory, tap on the wire, network
+//! and eBPF filter built, deny-all until taken), and N rounds alternating
+//! between two snapshots, where each resume finds the other's warm VM and
+//! restores cold (`vm_resume_cold_*`).
+//!
 //! Figures (p50 and p99 over the rounds; no direct baseline exists for "a VM
 //! appears", so targets are absolute):
 //! * `vm_resume_to_vcpu_running`: request → QEMU reports the restored vCPU
@@ -39,6 +45,8 @@ use tollgate_tests::daemon::{vm_runtime_section, Daemon};
 use tollgate_tests::lab::{in_netns, PUBLIC4};
 
 const SNAPSHOT: &str = "bench-vm-resume-snap";
+/// A second snapshot of the same kind, for the cold rounds.
+const OTHER_SNAPSHOT: &str = "bench-vm-resume-other";
 /// Port of the bench's listener on the lab's upstream address.
 const PORT: u16 = 7070;
 /// Bound on one clone's first connection.
@@ -93,35 +101,10 @@ pool = "10.217.0.0/16"
     let d = Daemon::start("bench-vm-resume", &config);
     let policy = json!({"mode": "custom", "allow_cidrs": [format!("{PUBLIC4}/32")]});
 
-    // The snapshot: a VM whose memory holds the connecting loop.
-    let (s, body) = call(
-        &d,
-        Method::POST,
-        "/v1/sandbox",
-        // Allowed, with nothing listening yet: every try is refused at once,
-        // so the snapshot catches the loop between tries, not inside one.
-        Some(json!({"memory": 512, "network_policy": policy})),
-    );
-    assert_eq!(s, StatusCode::CREATED, "{body}");
-    let src = body["id"].as_str().expect("id").to_string();
-    let loop_cmd = format!(
-        "setsid sh -c 'while :; do nc -w 1 {PUBLIC4} {PORT} </dev/null >/dev/null 2>&1; usleep 20000; done' </dev/null >/dev/null 2>&1 &"
-    );
-    let (s, body) = call(
-        &d,
-        Method::POST,
-        &format!("/v1/sandbox/{src}/process/execute"),
-        Some(json!({"command": loop_cmd, "timeout": 30})),
-    );
-    assert_eq!(s, StatusCode::OK, "{body}");
-    assert_eq!(body["exit_code"], 0, "{body}");
-    let (s, body) = call(
-        &d,
-        Method::POST,
-        &format!("/v1/sandbox/{src}/snapshot/create"),
-        Some(json!({"name": SNAPSHOT, "kill_sandbox_after": true})),
-    );
-    assert_eq!(s, StatusCode::CREATED, "{body}");
+    // The snapshots: VMs whose memory holds the connecting loop.
+    for name in [SNAPSHOT, OTHER_SNAPSHOT] {
+        snapshot_of_loop(&d, &policy, name);
+    }
 
     // The allowed host: stamps every connection it accepts.
     let listener = in_netns(&d.lab.up_ns, || {
@@ -136,42 +119,32 @@ pool = "10.217.0.0/16"
         }
     });
 
-    let (mut running, mut api, mut connect) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..n {
-        while rx.try_recv().is_ok() {}
-        let t0 = Instant::now();
-        let t0_unix = unix_ms();
-        let (s, body) = call(
-            &d,
-            Method::POST,
-            "/v1/snapshot/resume",
-            Some(json!({"snapshot_name": SNAPSHOT, "network_policy": policy})),
-        );
-        let answered = ms(t0.elapsed());
-        assert_eq!(s, StatusCode::CREATED, "round {i}: {body}");
-        let id = body["id"].as_str().expect("id").to_string();
-        let first = rx
-            .recv_timeout(CONNECT_WITHIN)
-            .unwrap_or_else(|_| panic!("round {i}: {id} never connected to the allowed host"));
-        let timings: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(d.state_dir.join("vm/run").join(&id).join("timings.json"))
-                .expect("timings.json"),
-        )
-        .expect("timings");
-        let run_ms = timings["running_at_unix_ms"].as_f64().expect("running_at") - t0_unix;
-        let conn_ms = ms(first.duration_since(t0));
-        let spawned = timings["spawned_ms"].as_f64().unwrap_or(f64::NAN);
-        let in_runtime = timings["running_ms"].as_f64().unwrap_or(f64::NAN);
-        eprintln!(
-            "vm_resume {}/{n}: vCPU running after {run_ms:.1} ms ({in_runtime:.1} ms of it in the runtime, QEMU up after {spawned:.1}), 201 after {answered:.1} ms, first TCP connection after {conn_ms:.1} ms",
-            i + 1
-        );
-        running.push(run_ms);
-        api.push(answered);
-        connect.push(conn_ms);
-        let (s, body) = call(&d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
-        assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
-    }
+    // One snapshot resumed again and again: from the second round on the
+    // daemon has a warm VM for it (`[runtime] warm`, default 1).
+    let same: Vec<Round> = (0..n)
+        .map(|i| round(&d, &rx, &policy, SNAPSHOT, "same snapshot", i, n))
+        .collect();
+    // Two snapshots in turn: with one warm VM kept, each resume finds the
+    // other snapshot's and restores cold (QEMU start, network and eBPF
+    // filter built on the request's path).
+    let alternating: Vec<Round> = (0..n)
+        .map(|i| {
+            let snap = if i % 2 == 0 { OTHER_SNAPSHOT } else { SNAPSHOT };
+            round(&d, &rx, &policy, snap, "alternating snapshots", i, n)
+        })
+        .collect();
+    let warm_hits = same.iter().filter(|r| r.warm).count();
+    let cold: Vec<&Round> = alternating.iter().filter(|r| !r.warm).collect();
+    assert!(
+        !cold.is_empty(),
+        "every alternating round found a warm VM: the pool keeps more than one"
+    );
+    let running: Vec<f64> = same.iter().map(|r| r.running).collect();
+    let api: Vec<f64> = same.iter().map(|r| r.api).collect();
+    let connect: Vec<f64> = same.iter().map(|r| r.connect).collect();
+    let cold_running: Vec<f64> = cold.iter().map(|r| r.running).collect();
+    let cold_api: Vec<f64> = cold.iter().map(|r| r.api).collect();
+    let cold_connect: Vec<f64> = cold.iter().map(|r| r.connect).collect();
 
     // K idle clones of the template's snapshot.
     std::thread::sleep(Duration::from_millis(500));
@@ -225,6 +198,32 @@ pool = "10.217.0.0/16"
             Target::Report,
         ),
         Figure {
+            name: format!("vm_resume_warm_hits_of_{n}"),
+            value: warm_hits as f64,
+            baseline: None,
+            unit: "rounds",
+            target: Target::Report,
+        },
+        fig(
+            "vm_resume_cold_to_vcpu_running",
+            &cold_running,
+            50.0,
+            Target::Report,
+        ),
+        fig(
+            "vm_resume_cold_to_vcpu_running",
+            &cold_running,
+            99.0,
+            Target::Report,
+        ),
+        fig("vm_resume_cold_api_response", &cold_api, 50.0, Target::Report),
+        fig(
+            "vm_resume_cold_to_first_tcp_connection",
+            &cold_connect,
+            50.0,
+            Target::Report,
+        ),
+        Figure {
             name: format!("vm_unique_rss_per_idle_clone_x{idle}"),
             value: uss.iter().sum::<f64>() / uss.len().max(1) as f64,
             baseline: None,
@@ -242,10 +241,104 @@ pool = "10.217.0.0/16"
     let title =
         "vm runtime: resume → vCPU running → first TCP connection from the guest (TCG here)";
     print_summary(title, &figures);
-    let notes = vec![format!(
-        "rounds: {n}{}; 512 MiB guests, 1 vCPU; policy custom with allow_cidrs {PUBLIC4}/32; idle clones: {idle}",
-        if quick() { " (quick)" } else { "" }
-    )];
+    let notes = vec![
+        format!(
+            "rounds: {n}{} of one snapshot (warm VM hits: {warm_hits}) and {n} alternating between two (cold: {}); 512 MiB guests, 1 vCPU; policy custom with allow_cidrs {PUBLIC4}/32; idle clones: {idle}",
+            if quick() { " (quick)" } else { "" },
+            cold.len()
+        ),
+        "vm_resume_*: the snapshot resumed again and again (the daemon keeps a warm VM for it); vm_resume_cold_*: two snapshots in turn, so every resume builds QEMU, network and filter on its path".to_string(),
+    ];
     write_report("vm_resume", title, &figures, &notes);
     d.delete_all();
+}
+
+/// A VM running the connecting loop, snapshotted as `name` and deleted.
+fn snapshot_of_loop(d: &Daemon, policy: &serde_json::Value, name: &str) {
+    let (s, body) = call(
+        d,
+        Method::POST,
+        "/v1/sandbox",
+        // Allowed, with nothing listening yet: every try is refused at once,
+        // so the snapshot catches the loop between tries, not inside one.
+        Some(json!({"memory": 512, "network_policy": policy})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let src = body["id"].as_str().expect("id").to_string();
+    let loop_cmd = format!(
+        "setsid sh -c 'while :; do nc -w 1 {PUBLIC4} {PORT} </dev/null >/dev/null 2>&1; usleep 20000; done' </dev/null >/dev/null 2>&1 &"
+    );
+    let (s, body) = call(
+        d,
+        Method::POST,
+        &format!("/v1/sandbox/{src}/process/execute"),
+        Some(json!({"command": loop_cmd, "timeout": 30})),
+    );
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["exit_code"], 0, "{body}");
+    let (s, body) = call(
+        d,
+        Method::POST,
+        &format!("/v1/sandbox/{src}/snapshot/create"),
+        Some(json!({"name": name, "kill_sandbox_after": true})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+}
+
+/// One round's figures (ms from the request).
+struct Round {
+    running: f64,
+    api: f64,
+    connect: f64,
+    /// The clone was a warm VM.
+    warm: bool,
+}
+
+/// Resumes `snapshot`, waits for the clone's first connection, deletes it.
+fn round(
+    d: &Daemon,
+    rx: &mpsc::Receiver<Instant>,
+    policy: &serde_json::Value,
+    snapshot: &str,
+    what: &str,
+    i: usize,
+    n: usize,
+) -> Round {
+    while rx.try_recv().is_ok() {}
+    let t0 = Instant::now();
+    let t0_unix = unix_ms();
+    let (s, body) = call(
+        d,
+        Method::POST,
+        "/v1/snapshot/resume",
+        Some(json!({"snapshot_name": snapshot, "network_policy": policy})),
+    );
+    let answered = ms(t0.elapsed());
+    assert_eq!(s, StatusCode::CREATED, "round {i}: {body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let first = rx
+        .recv_timeout(CONNECT_WITHIN)
+        .unwrap_or_else(|_| panic!("round {i}: {id} never connected to the allowed host"));
+    let timings: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.state_dir.join("vm/run").join(&id).join("timings.json"))
+            .expect("timings.json"),
+    )
+    .expect("timings");
+    let run_ms = timings["running_at_unix_ms"].as_f64().expect("running_at") - t0_unix;
+    let conn_ms = ms(first.duration_since(t0));
+    let warm = timings["warm"].as_bool().unwrap_or(false);
+    let in_runtime = timings["running_ms"].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "vm_resume ({what}) {}/{n}: {} VM, vCPU running after {run_ms:.1} ms ({in_runtime:.1} ms of it in the runtime), 201 after {answered:.1} ms, first TCP connection after {conn_ms:.1} ms",
+        i + 1,
+        if warm { "warm" } else { "cold" },
+    );
+    let (s, body) = call(d, Method::DELETE, &format!("/v1/sandbox/{id}/"), None);
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    Round {
+        running: run_ms,
+        api: answered,
+        connect: conn_ms,
+        warm,
+    }
 }

@@ -183,7 +183,7 @@ fn runtimes(cfg: &Config, netns: NetnsRuntime, resolv_conf: &Path) -> anyhow::Re
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     anyhow::ensure!(
         nix::unistd::geteuid().is_root(),
         "tollgate serve creates network namespaces and links and must run as root: sudo -E tollgate serve"
@@ -235,6 +235,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         system_roots: PathBuf::from(tollgate_proxy::intercept::SYSTEM_BUNDLE),
     });
     let runtime = runtimes(&cfg, netns, &resolv_conf)?;
+    let warm = cfg.runtime.warm.unwrap_or(match runtime.default_backend() {
+        Backend::Vm => 1,
+        Backend::Netns => 0,
+    });
+    cfg.runtime.warm = Some(warm);
+    tracing::info!(warm, "warm sandboxes: at most this many kept ready, one per recently launched template or snapshot");
     tollgate_ebpf::ensure_bpffs().context("bpffs")?;
     let floor = tollgate::dataplane::floor(
         &cfg.network.deny_cidrs,
@@ -307,11 +313,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         })
     };
     let api = Arc::new(Api {
-        service,
+        service: service.clone(),
         keys: Keys(keys),
     });
     tollgate::api::serve(listener, api, shutdown_signal()).await;
     reaper.abort();
+    service.release_all_warm().await;
     tracing::info!("tollgate stopped; sandboxes keep running and are re-adopted on the next start");
     Ok(())
 }

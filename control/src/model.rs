@@ -167,3 +167,16 @@ pub fn rfc3339(t: i64) -> String {
         })
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
 }
+
+/// A warm sandbox as stored: network, enforcement and (on the vm runtime)
+/// a QEMU waiting for its memory, built ahead of a request. Only what a
+/// restart needs to release it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WarmRecord {
+    /// The id the sandbox that takes it will have.
+    pub id: String,
+    /// Its address slot.
+    pub slot: u32,
+    /// When it was built (unix seconds).
+    pub created_at: i64,
+}

@@ -169,6 +169,25 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         spec: &SandboxSpec,
     ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
+    /// After [`Runtime::prepare`] and [`crate::net::setup`]: joins what
+    /// prepare started to `net` ahead of [`Runtime::start`] (the `vm`
+    /// backend moves its tap onto the sandbox's wire), so a sandbox kept
+    /// warm starts with nothing left to wire. Without this call `start`
+    /// does it.
+    fn connect(
+        &self,
+        spec: &SandboxSpec,
+        net: &NetworkInfo,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = (spec, net);
+        async { Ok(()) }
+    }
+    /// Is what [`Runtime::prepare`] started for sandbox `id` (not yet
+    /// started) still usable? `true` when it started nothing.
+    fn prepared_alive(&self, id: &str) -> bool {
+        let _ = id;
+        true
+    }
     /// Kills every process of the sandbox. Idempotent. The network stays
     /// (the caller tears it down with [`crate::net::teardown`]).
     fn stop(

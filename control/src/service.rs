@@ -5,9 +5,10 @@
 //! call; a sandbox's state (`Starting`, `Deleting`, …) keeps concurrent
 //! operations on it apart.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tollgate_proxy::policy::{FieldError, NetworkPolicy};
@@ -15,7 +16,7 @@ use tollgate_proxy::policy::{FieldError, NetworkPolicy};
 use crate::config::Config;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::events::NetEvent;
-use crate::model::{new_id, now, SandboxRecord, SnapshotRecord, State};
+use crate::model::{new_id, now, SandboxRecord, SnapshotRecord, State, WarmRecord};
 use crate::net::{self, NetPlan};
 use crate::runtime::{
     ExecOutput, ExecRequest, MemoryImage, Runtime, RuntimeError, RuntimeHandle, SandboxSpec,
@@ -23,6 +24,9 @@ use crate::runtime::{
 };
 use crate::store::{Store, StoreError};
 use crate::validate::{CreateRequest, ExecRequestBody, RestoreRequest, SnapshotRequest};
+
+/// How long a stopping daemon waits for warm sandboxes being built.
+const WARM_BUILD_WAIT: Duration = Duration::from_secs(30);
 
 /// Disk size reported for every sandbox of the netns runtime (MiB).
 pub const DISK_MIB: u32 = 10240;
@@ -81,7 +85,33 @@ pub struct Org {
 struct Inner {
     sandboxes: HashMap<String, SandboxRecord>,
     snapshots: HashMap<String, SnapshotRecord>,
+    /// Slots of sandboxes and of warm sandboxes (ready or being built).
     slots: BTreeSet<u32>,
+    /// Warm sandboxes ready to be taken, least recently built first.
+    warm: Vec<WarmEntry>,
+    /// Keys of warm sandboxes being built.
+    warming: HashSet<WarmKey>,
+}
+
+/// What a warm sandbox was built for: a launch with the same key takes it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct WarmKey {
+    template: String,
+    /// The memory image's directory (none: the template's own).
+    image: Option<PathBuf>,
+    vcpu: u32,
+    memory_mib: u32,
+}
+
+/// A sandbox built ahead of its request: network, deny-all enforcement, CA,
+/// and the runtime's preparation (a QEMU waiting for its memory, its tap on
+/// the wire). A launch with its key takes it; the rest of the request (org,
+/// policy, environment) is applied then.
+struct WarmEntry {
+    id: String,
+    slot: u32,
+    key: WarmKey,
+    network: net::NetworkInfo,
 }
 
 /// The lifecycle service.
@@ -95,6 +125,12 @@ pub struct Service<R: Runtime> {
     inner: Mutex<Inner>,
     /// Serialises policy updates so the data plane and the store agree.
     policy_updates: tokio::sync::Mutex<()>,
+    /// How many warm sandboxes to keep (`[runtime] warm`).
+    warm_size: usize,
+    /// Set when the daemon stops: no more warm sandboxes.
+    closing: AtomicBool,
+    /// This service, for background work.
+    me: Weak<Self>,
 }
 
 impl<R: Runtime> Service<R> {
@@ -188,13 +224,29 @@ impl<R: Runtime> Service<R> {
             }
             sandboxes.insert(r.id.clone(), r);
         }
+        // Warm sandboxes of the previous run were never handed out: release them.
+        for w in store.warm()? {
+            if !sandboxes.contains_key(&w.id) {
+                match release_and_teardown(&runtime, &dataplane, &cfg, &w.id, w.slot).await {
+                    Ok(()) => {
+                        tracing::info!(sandbox = %w.id, slot = w.slot, "released a warm sandbox of the previous run")
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox = %w.id, error = %e, "cannot release a warm sandbox of the previous run");
+                        continue;
+                    }
+                }
+            }
+            store.delete_warm(&w.id)?;
+        }
         let snapshots = store
             .snapshots()?
             .into_iter()
             .map(|s| (s.id.clone(), s))
             .collect();
         let orgs = orgs.into_iter().map(|o| (o.name.clone(), o)).collect();
-        Ok(Arc::new(Self {
+        let warm_size = cfg.runtime.warm.unwrap_or(0) as usize;
+        Ok(Arc::new_cyclic(|me| Self {
             cfg,
             orgs,
             templates,
@@ -206,7 +258,12 @@ impl<R: Runtime> Service<R> {
                 sandboxes,
                 snapshots,
                 slots,
+                warm: Vec::new(),
+                warming: HashSet::new(),
             }),
+            warm_size,
+            closing: AtomicBool::new(false),
+            me: me.clone(),
         }))
     }
 
@@ -317,116 +374,142 @@ impl<R: Runtime> Service<R> {
         snapshot_id: Option<String>,
         image: Option<MemoryImage>,
     ) -> Result<SandboxRecord, ServiceError> {
+        let key = WarmKey {
+            template: template.name.clone(),
+            image: image.as_ref().map(|i| i.dir.clone()),
+            vcpu,
+            memory_mib,
+        };
         let max = self.orgs.get(org).map_or(0, |o| o.max_sandboxes);
-        let record = {
-            let mut inner = self.lock();
-            let live = inner
-                .sandboxes
-                .values()
-                .filter(|s| s.org == org && s.state.is_live())
-                .count();
-            if live as u32 >= max {
-                return Err(ServiceError::OrgLimit(max));
-            }
-            let (used_cpu, used_mem) = inner
-                .sandboxes
-                .values()
-                .filter(|s| s.state.is_live())
-                .fold((0u64, 0u64), |(c, m), s| {
-                    (c + u64::from(s.vcpu), m + u64::from(s.memory_mib))
-                });
-            let host = &self.cfg.host;
-            if used_cpu + u64::from(vcpu) > u64::from(host.vcpu)
-                || used_mem + u64::from(memory_mib) > host.memory_mib
-            {
-                return Err(ServiceError::Capacity(format!(
-                    "needs {vcpu} vCPU / {memory_mib} MiB; host has {} vCPU / {} MiB free",
-                    u64::from(host.vcpu).saturating_sub(used_cpu),
-                    host.memory_mib.saturating_sub(used_mem)
-                )));
-            }
-            let capacity = self.slot_capacity();
-            let slot = (0..capacity)
-                .find(|s| !inner.slots.contains(s))
-                .ok_or_else(|| ServiceError::Capacity("the address pool is exhausted".into()))?;
-            let t = now();
-            let r = SandboxRecord {
-                id: new_id("sbx-"),
-                org: org.to_string(),
-                template_id: template.name.clone(),
-                vcpu,
-                memory_mib,
-                disk_mib: DISK_MIB,
-                timeout_secs,
-                auto_pause,
-                env_vars,
-                network_policy,
-                state: State::Starting,
-                status_reason: None,
-                created_at: t,
-                state_changed_at: t,
-                timeout_at: t.saturating_add(timeout_secs as i64),
-                slot,
-                uid: self.cfg.network.uid_base.saturating_add(slot),
-                snapshot_id,
-                runtime: None,
+        let t0 = std::time::Instant::now();
+        // At most twice: a second pass after a warm sandbox gave up its slot.
+        let mut attempt = 0;
+        let (record, warm) = loop {
+            attempt += 1;
+            let evicted = {
+                let mut inner = self.lock();
+                let live = inner
+                    .sandboxes
+                    .values()
+                    .filter(|s| s.org == org && s.state.is_live())
+                    .count();
+                if live as u32 >= max {
+                    return Err(ServiceError::OrgLimit(max));
+                }
+                let (used_cpu, used_mem) = inner
+                    .sandboxes
+                    .values()
+                    .filter(|s| s.state.is_live())
+                    .fold((0u64, 0u64), |(c, m), s| {
+                        (c + u64::from(s.vcpu), m + u64::from(s.memory_mib))
+                    });
+                let host = &self.cfg.host;
+                if used_cpu + u64::from(vcpu) > u64::from(host.vcpu)
+                    || used_mem + u64::from(memory_mib) > host.memory_mib
+                {
+                    return Err(ServiceError::Capacity(format!(
+                        "needs {vcpu} vCPU / {memory_mib} MiB; host has {} vCPU / {} MiB free",
+                        u64::from(host.vcpu).saturating_sub(used_cpu),
+                        host.memory_mib.saturating_sub(used_mem)
+                    )));
+                }
+                let warm = inner
+                    .warm
+                    .iter()
+                    .position(|w| w.key == key)
+                    .map(|i| inner.warm.remove(i));
+                let slot = match &warm {
+                    Some(w) => Some(w.slot),
+                    None => {
+                        let capacity = self.slot_capacity();
+                        (0..capacity).find(|s| !inner.slots.contains(s))
+                    }
+                };
+                match slot {
+                    Some(slot) => {
+                        let t = now();
+                        let r = SandboxRecord {
+                            id: warm.as_ref().map_or_else(|| new_id("sbx-"), |w| w.id.clone()),
+                            org: org.to_string(),
+                            template_id: template.name.clone(),
+                            vcpu,
+                            memory_mib,
+                            disk_mib: DISK_MIB,
+                            timeout_secs,
+                            auto_pause,
+                            env_vars: env_vars.clone(),
+                            network_policy: network_policy.clone(),
+                            state: State::Starting,
+                            status_reason: None,
+                            created_at: t,
+                            state_changed_at: t,
+                            timeout_at: t.saturating_add(timeout_secs as i64),
+                            slot,
+                            uid: self.cfg.network.uid_base.saturating_add(slot),
+                            snapshot_id: snapshot_id.clone(),
+                            runtime: None,
+                        };
+                        let stored = match &warm {
+                            Some(_) => self.store.put_sandbox_from_warm(&r),
+                            None => self.store.put_sandbox(&r),
+                        };
+                        if let Err(e) = stored {
+                            if let Some(w) = warm {
+                                inner.warm.push(w);
+                            }
+                            return Err(e.into());
+                        }
+                        inner.slots.insert(slot);
+                        inner.sandboxes.insert(r.id.clone(), r.clone());
+                        break (r, warm);
+                    }
+                    None if attempt == 1 && !inner.warm.is_empty() => inner.warm.remove(0),
+                    None => {
+                        return Err(ServiceError::Capacity("the address pool is exhausted".into()))
+                    }
+                }
             };
-            self.store.put_sandbox(&r)?;
-            inner.slots.insert(slot);
-            inner.sandboxes.insert(r.id.clone(), r.clone());
-            r
+            // The address pool is full: the least recently used warm
+            // sandbox gives up its slot.
+            tracing::info!(sandbox = %evicted.id, "warm sandbox released: its slot is needed");
+            self.release_warm(evicted).await;
         };
         let spec = SandboxSpec {
             id: record.id.clone(),
             slot: record.slot,
-            template,
+            template: template.clone(),
             env_vars: record.env_vars.clone(),
             uid: record.uid,
             vcpu,
             memory_mib,
             ca_pem: None,
-            image,
+            image: image.clone(),
         };
-        let t0 = std::time::Instant::now();
+        let was_warm = warm.is_some();
         let mut phases = (0.0, 0.0);
         let started = async {
-            // The runtime gets ready (a VM's QEMU starts, waiting for its
-            // memory) while the network and its enforcement are built.
-            let network_and_enforcement = async {
-                let network = net::setup(&self.net_plan(), &spec.id, spec.slot)
-                    .await
-                    .map_err(RuntimeError::from)?;
-                let network_ms = t0.elapsed().as_secs_f64() * 1e3;
-                // Enforcement is in place before the sandbox's first process
-                // runs. So is the sandbox's CA, which the runtime makes the
-                // guest trust.
-                match self
-                    .dataplane
-                    .attach(&spec.id, &network, &record.network_policy)
-                    .await
-                {
-                    Ok(()) => Ok((network, network_ms)),
-                    Err(e) => {
-                        self.undo_network(&spec.id, &network).await;
-                        Err(ServiceError::from(e))
+            let network = match warm {
+                // Built ahead, enforcing deny-all: it gets its own policy
+                // before its first instruction runs.
+                Some(w) => {
+                    if let Err(e) = self
+                        .dataplane
+                        .set_policy(&spec.id, &record.network_policy)
+                        .await
+                    {
+                        self.undo_network(&spec.id, &w.network).await;
+                        self.release_prepared(&spec.id, spec.slot).await;
+                        return Err(ServiceError::from(e));
                     }
+                    phases = (0.0, t0.elapsed().as_secs_f64() * 1e3);
+                    w.network
+                }
+                None => {
+                    let (network, network_ms) = self.build(&spec, &record.network_policy).await?;
+                    phases = (network_ms, t0.elapsed().as_secs_f64() * 1e3);
+                    network
                 }
             };
-            let (built, prepared) =
-                tokio::join!(network_and_enforcement, self.runtime.prepare(&spec));
-            let (network, network_ms) = match (built, prepared) {
-                (Ok(b), Ok(())) => b,
-                (Ok((network, _)), Err(e)) => {
-                    self.undo_network(&spec.id, &network).await;
-                    self.release_prepared(&spec.id, spec.slot).await;
-                    return Err(ServiceError::from_runtime(e));
-                }
-                (Err(e), _) => {
-                    self.release_prepared(&spec.id, spec.slot).await;
-                    return Err(e);
-                }
-            };
-            phases = (network_ms, t0.elapsed().as_secs_f64() * 1e3);
             let spec = SandboxSpec {
                 ca_pem: self.dataplane.ca_pem(&spec.id),
                 ..spec.clone()
@@ -444,6 +527,8 @@ impl<R: Runtime> Service<R> {
         .await;
         match started {
             Ok(handle) => {
+                // The next launch like this one finds a warm sandbox.
+                self.refill(key, template, image);
                 let mut inner = self.lock();
                 let r = inner
                     .sandboxes
@@ -453,7 +538,7 @@ impl<R: Runtime> Service<R> {
                 r.state = State::Running;
                 r.state_changed_at = now();
                 self.store.put_sandbox(r)?;
-                tracing::info!(sandbox = %r.id, org, slot = r.slot, network_ms = phases.0,
+                tracing::info!(sandbox = %r.id, org, slot = r.slot, warm = was_warm, network_ms = phases.0,
                     dataplane_ms = phases.1 - phases.0, total_ms = t0.elapsed().as_secs_f64() * 1e3,
                     "sandbox running");
                 Ok(r.clone())
@@ -466,6 +551,223 @@ impl<R: Runtime> Service<R> {
                 self.store.delete_sandbox(&record.id)?;
                 Err(e)
             }
+        }
+    }
+
+    /// Builds sandbox `spec`'s network and enforcement (`policy`) while the
+    /// runtime gets ready (a VM's QEMU starts, waiting for its memory).
+    /// Enforcement is in place before the sandbox's first process runs, and
+    /// so is its CA, which the runtime makes the guest trust. On failure
+    /// nothing is left. Returns the network and when it was up (ms).
+    async fn build(
+        &self,
+        spec: &SandboxSpec,
+        policy: &NetworkPolicy,
+    ) -> Result<(net::NetworkInfo, f64), ServiceError> {
+        let t0 = std::time::Instant::now();
+        let network_and_enforcement = async {
+            let network = net::setup(&self.net_plan(), &spec.id, spec.slot)
+                .await
+                .map_err(RuntimeError::from)?;
+            let network_ms = t0.elapsed().as_secs_f64() * 1e3;
+            match self.dataplane.attach(&spec.id, &network, policy).await {
+                Ok(()) => Ok((network, network_ms)),
+                Err(e) => {
+                    self.undo_network(&spec.id, &network).await;
+                    Err(ServiceError::from(e))
+                }
+            }
+        };
+        let (built, prepared) = tokio::join!(network_and_enforcement, self.runtime.prepare(spec));
+        match (built, prepared) {
+            (Ok(b), Ok(())) => Ok(b),
+            (Ok((network, _)), Err(e)) => {
+                self.undo_network(&spec.id, &network).await;
+                self.release_prepared(&spec.id, spec.slot).await;
+                Err(ServiceError::from_runtime(e))
+            }
+            (Err(e), _) => {
+                self.release_prepared(&spec.id, spec.slot).await;
+                Err(e)
+            }
+        }
+    }
+
+    // === warm sandboxes ===
+
+    /// Makes sure a warm sandbox for `key` exists or is being built, in the
+    /// background; the least recently used one makes room when
+    /// `[runtime] warm` are there already.
+    fn refill(&self, key: WarmKey, template: Template, image: Option<MemoryImage>) {
+        if self.warm_size == 0 || self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let evicted = {
+            let mut inner = self.lock();
+            if inner.warming.contains(&key) || inner.warm.iter().any(|w| w.key == key) {
+                return;
+            }
+            let full = inner.warm.len() + inner.warming.len() >= self.warm_size;
+            if full && inner.warm.is_empty() {
+                return;
+            }
+            inner.warming.insert(key.clone());
+            full.then(|| inner.warm.remove(0))
+        };
+        tokio::spawn(async move {
+            if let Some(w) = evicted {
+                me.release_warm(w).await;
+            }
+            me.build_warm(key, template, image).await;
+        });
+    }
+
+    /// Builds one warm sandbox for `key`: network, deny-all enforcement, CA
+    /// and the runtime's preparation joined to the network.
+    async fn build_warm(&self, key: WarmKey, template: Template, image: Option<MemoryImage>) {
+        let t0 = std::time::Instant::now();
+        let claimed = {
+            let mut inner = self.lock();
+            let capacity = self.slot_capacity();
+            match (0..capacity).find(|s| !inner.slots.contains(s)) {
+                Some(slot) => {
+                    inner.slots.insert(slot);
+                    Some(slot)
+                }
+                None => {
+                    inner.warming.remove(&key);
+                    None
+                }
+            }
+        };
+        let Some(slot) = claimed else {
+            tracing::info!(template = %key.template, "no warm sandbox: the address pool is full");
+            return;
+        };
+        let rec = WarmRecord {
+            id: new_id("sbx-"),
+            slot,
+            created_at: now(),
+        };
+        let spec = SandboxSpec {
+            id: rec.id.clone(),
+            slot,
+            template: template.clone(),
+            env_vars: Default::default(),
+            uid: self.cfg.network.uid_base.saturating_add(slot),
+            vcpu: key.vcpu,
+            memory_mib: key.memory_mib,
+            ca_pem: None,
+            image: image.clone(),
+        };
+        let built = async {
+            self.store.put_warm(&rec)?;
+            let (network, _) = self.build(&spec, &NetworkPolicy::deny_all()).await?;
+            if let Err(e) = self.runtime.connect(&spec, &network).await {
+                self.undo_network(&spec.id, &network).await;
+                self.release_prepared(&spec.id, spec.slot).await;
+                return Err(ServiceError::from_runtime(e));
+            }
+            Ok::<_, ServiceError>(network)
+        }
+        .await;
+        let entry = built.map(|network| WarmEntry {
+            id: rec.id.clone(),
+            slot,
+            key: key.clone(),
+            network,
+        });
+        let unwanted = {
+            let mut inner = self.lock();
+            inner.warming.remove(&key);
+            match entry {
+                Ok(w) => {
+                    // A snapshot deleted meanwhile. (A stopping daemon
+                    // releases the pool once nothing is being built.)
+                    let gone = key.image.as_ref().is_some_and(|d| !d.exists());
+                    if gone {
+                        Some(w)
+                    } else {
+                        tracing::info!(sandbox = %w.id, slot, template = %key.template,
+                            image = ?key.image, ms = t0.elapsed().as_secs_f64() * 1e3,
+                            "warm sandbox ready");
+                        inner.warm.push(w);
+                        None
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %rec.id, error = %e, "cannot build a warm sandbox");
+                    inner.slots.remove(&slot);
+                    drop(inner);
+                    if let Err(e) = self.store.delete_warm(&rec.id) {
+                        tracing::warn!(sandbox = %rec.id, error = %e, "cannot forget a warm sandbox");
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(w) = unwanted {
+            self.release_warm(w).await;
+        }
+    }
+
+    /// Releases a warm sandbox (removed from the pool by the caller): its
+    /// runtime's preparation, enforcement, network, slot and record.
+    async fn release_warm(&self, w: WarmEntry) {
+        if let Err(e) =
+            release_and_teardown(&self.runtime, &self.dataplane, &self.cfg, &w.id, w.slot).await
+        {
+            tracing::warn!(sandbox = %w.id, error = %e, "cannot release a warm sandbox");
+            return;
+        }
+        self.lock().slots.remove(&w.slot);
+        if let Err(e) = self.store.delete_warm(&w.id) {
+            tracing::warn!(sandbox = %w.id, error = %e, "cannot forget a warm sandbox");
+        }
+    }
+
+    /// Releases the warm sandboxes built from the memory image in `dir`.
+    fn release_warm_of_image(&self, dir: &std::path::Path) {
+        let unwanted: Vec<WarmEntry> = {
+            let mut inner = self.lock();
+            let (gone, kept) = std::mem::take(&mut inner.warm)
+                .into_iter()
+                .partition(|w| w.key.image.as_deref() == Some(dir));
+            inner.warm = kept;
+            gone
+        };
+        if unwanted.is_empty() {
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
+            tokio::spawn(async move {
+                for w in unwanted {
+                    me.release_warm(w).await;
+                }
+            });
+        }
+    }
+
+    /// Ids of the warm sandboxes ready now.
+    pub fn warm_ids(&self) -> Vec<String> {
+        self.lock().warm.iter().map(|w| w.id.clone()).collect()
+    }
+
+    /// A stopping daemon releases its warm sandboxes (real sandboxes keep
+    /// running), after those being built are done (bounded; what is still
+    /// being built then is released at the next start).
+    pub async fn release_all_warm(&self) {
+        self.closing.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + WARM_BUILD_WAIT;
+        while !self.lock().warming.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let all = std::mem::take(&mut self.lock().warm);
+        for w in all {
+            self.release_warm(w).await;
         }
     }
 
@@ -855,8 +1157,11 @@ impl<R: Runtime> Service<R> {
         self.store.delete_snapshot(&key)?;
         inner.snapshots.remove(&key);
         drop(inner);
-        // Running clones keep their private mapping of the RAM file.
-        remove_snapshot_files(&self.snapshot_dir(&key));
+        // Running clones keep their private mapping of the RAM file; warm
+        // sandboxes made for it go.
+        let dir = self.snapshot_dir(&key);
+        self.release_warm_of_image(&dir);
+        remove_snapshot_files(&dir);
         Ok(())
     }
 
@@ -867,6 +1172,18 @@ impl<R: Runtime> Service<R> {
     /// data plane, runtime files) and reports them `deleted` with a
     /// `status_reason`. Called periodically by the daemon.
     pub async fn reap_dead(&self) {
+        let lost: Vec<WarmEntry> = {
+            let mut inner = self.lock();
+            let (lost, kept) = std::mem::take(&mut inner.warm)
+                .into_iter()
+                .partition(|w| !self.runtime.prepared_alive(&w.id));
+            inner.warm = kept;
+            lost
+        };
+        for w in lost {
+            tracing::warn!(sandbox = %w.id, "warm sandbox lost: what its runtime prepared exited; releasing it");
+            self.release_warm(w).await;
+        }
         let candidates: Vec<SandboxRecord> = self
             .lock()
             .sandboxes

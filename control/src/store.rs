@@ -6,10 +6,11 @@ use std::path::Path;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::model::{SandboxRecord, SnapshotRecord};
+use crate::model::{SandboxRecord, SnapshotRecord, WarmRecord};
 
 const SANDBOXES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sandboxes");
 const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
+const WARM: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("warm");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,7 @@ impl Store {
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(SANDBOXES).map_err(db_err)?;
         tx.open_table(SNAPSHOTS).map_err(db_err)?;
+        tx.open_table(WARM).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self { db })
     }
@@ -53,6 +55,36 @@ impl Store {
     /// Removes a sandbox.
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
         self.delete(SANDBOXES, id)
+    }
+
+    /// A warm sandbox becomes sandbox `r`: one transaction, so a restart
+    /// sees either the warm entry or the sandbox, never both or neither.
+    pub fn put_sandbox_from_warm(&self, r: &SandboxRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(r)?;
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(SANDBOXES).map_err(db_err)?;
+            t.insert(r.id.as_str(), bytes.as_slice()).map_err(db_err)?;
+            let mut w = tx.open_table(WARM).map_err(db_err)?;
+            w.remove(r.id.as_str()).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Records a warm sandbox being built (its resources are released at
+    /// the next start if the daemon stops first).
+    pub fn put_warm(&self, r: &WarmRecord) -> Result<(), StoreError> {
+        self.put(WARM, &r.id, r)
+    }
+
+    /// Forgets a released warm sandbox.
+    pub fn delete_warm(&self, id: &str) -> Result<(), StoreError> {
+        self.delete(WARM, id)
+    }
+
+    /// Every warm sandbox.
+    pub fn warm(&self) -> Result<Vec<WarmRecord>, StoreError> {
+        self.all(WARM)
     }
 
     /// Every sandbox.

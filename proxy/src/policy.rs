@@ -99,6 +99,17 @@ pub struct NetworkPolicy {
 // === impl NetworkPolicy ===
 
 impl NetworkPolicy {
+    /// Nothing leaves (what a sandbox built ahead of its request enforces
+    /// until it gets its own policy).
+    pub fn deny_all() -> Self {
+        Self {
+            mode: Mode::DenyAll,
+            allow_domains: vec![],
+            allow_cidrs: vec![],
+            transforms: vec![],
+        }
+    }
+
     /// The policy of a sandbox that was given none.
     pub fn allow_all() -> Self {
         Self {

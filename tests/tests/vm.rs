@@ -574,3 +574,116 @@ fn four_clones_of_one_snapshot_each_obey_their_own_policy() {
     }
     let _ = std::fs::remove_file(&ca_file);
 }
+
+/// Ids the daemon's log says became warm, newest first.
+fn warm_ready(d: &Daemon) -> Vec<String> {
+    let mut ids: Vec<String> = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("warm sandbox ready"))
+        .filter_map(|l| {
+            let at = l.find("sbx-")?;
+            Some(
+                l[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect(),
+            )
+        })
+        .collect();
+    ids.reverse();
+    ids
+}
+
+/// The clone's `timings.json`.
+fn timings(d: &Daemon, id: &str) -> Value {
+    let text = std::fs::read(d.state_dir.join("vm/run").join(id).join("timings.json"))
+        .expect("timings.json");
+    serde_json::from_slice(&text).expect("timings")
+}
+
+/// A warm VM (QEMU waiting for the snapshot's memory, its tap on the
+/// sandbox's wire, deny-all enforcement) is what the next resume of the
+/// same snapshot gets: the memory state is the snapshot's, the policy the
+/// request's; deleting the snapshot releases the warm VM made for it.
+#[test]
+fn the_next_resume_of_a_snapshot_takes_a_warm_vm() {
+    use tollgate_tests::lab::PUBLIC4;
+    let _s = serial();
+    let mut d = Daemon::start("vm-warm", &vm_config("10.214.96.0/20"));
+    let src = create(&mut d, &json!({ "memory": 512 }));
+    let src_id = src["id"].as_str().expect("id").to_owned();
+    start_counter(&mut d, &src_id);
+    let before = counter(&mut d, &src_id).expect("counter");
+    let snap = snapshot(&mut d, &src_id, "vm-warm-snap");
+    let snap_id = snap["id"].as_str().expect("snapshot id").to_owned();
+    let allow = json!({"mode": "custom", "allow_cidrs": [format!("{PUBLIC4}/32")]});
+    let body = json!({ "snapshot_name": "vm-warm-snap", "network_policy": allow });
+
+    let (status, first) = resume(&mut d, &body);
+    assert_eq!(status, StatusCode::CREATED, "{first}\n{}", d.log());
+    let first = first["id"].as_str().expect("id").to_owned();
+    assert_eq!(timings(&d, &first)["warm"], false);
+    let mut warm = None;
+    let ok = wait_until(Duration::from_secs(60), || {
+        warm = warm_ready(&d)
+            .into_iter()
+            .find(|w| qemu_of(w).len() == 1 && w != &first);
+        warm.is_some()
+    });
+    assert!(ok, "no warm VM for the snapshot:\n{}", d.log());
+    let warm = warm.expect("warm id");
+    // Its QEMU waits for the snapshot's memory; nothing runs in it yet.
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", qemu_of(&warm)[0]))
+        .expect("cmdline")
+        .replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!("snapshots/{snap_id}/ram")) && cmdline.contains("-incoming"),
+        "{cmdline}"
+    );
+
+    let (status, second) = resume(&mut d, &body);
+    assert_eq!(status, StatusCode::CREATED, "{second}\n{}", d.log());
+    assert_eq!(second["id"], warm.as_str(), "the resume did not take the warm VM");
+    assert_eq!(timings(&d, &warm)["warm"], true);
+    // The snapshot's memory, going on.
+    let c = counter(&mut d, &warm).expect("counter in the warm clone");
+    assert!(c >= before, "counter {c} < {before} at the snapshot");
+    assert_eq!(sh_ok(&mut d, &warm, "cat /run/tollgate/sandbox-id").trim(), warm);
+    // The request's policy, not the warm VM's deny-all.
+    d.lab.canary.clear();
+    sh_ok(
+        &mut d,
+        &warm,
+        &format!("nc -w 3 {PUBLIC4} 80 </dev/null >/dev/null 2>&1; true"),
+    );
+    assert!(
+        !d.lab.canary.to(std::net::IpAddr::V4(PUBLIC4)).is_empty(),
+        "the warm clone's allowed connection never reached the canary"
+    );
+
+    // The pool refills for the snapshot; deleting the snapshot releases it.
+    let mut next = None;
+    let ok = wait_until(Duration::from_secs(60), || {
+        next = warm_ready(&d)
+            .into_iter()
+            .find(|w| w != &warm && qemu_of(w).len() == 1 && w != &first);
+        next.is_some()
+    });
+    assert!(ok, "the pool did not refill:\n{}", d.log());
+    let next = next.expect("next warm id");
+    let del = d.call(
+        Method::DELETE,
+        &format!("/v1/snapshot/{snap_id}"),
+        "/v1/snapshot/{id}",
+        KEY_DEFAULT,
+        None,
+    );
+    assert!(del.status.is_success(), "{}", del.body);
+    let ok = wait_until(Duration::from_secs(15), || {
+        qemu_of(&next).is_empty() && !netns_file_exists(&format!("tollgate-{next}"))
+    });
+    assert!(ok, "the warm VM of a deleted snapshot was kept");
+    // The clones keep their private copy of the memory.
+    assert_eq!(sh_ok(&mut d, &warm, "echo alive").trim(), "alive");
+}

@@ -99,6 +99,18 @@ impl Runtime for Runtimes {
         }
     }
 
+    async fn connect(&self, spec: &SandboxSpec, net: &NetworkInfo) -> Result<(), RuntimeError> {
+        if self.wants_vm(spec) {
+            self.vm()?.connect(spec, net).await
+        } else {
+            self.netns.connect(spec, net).await
+        }
+    }
+
+    fn prepared_alive(&self, id: &str) -> bool {
+        self.netns.prepared_alive(id) && self.vm.as_ref().is_none_or(|vm| vm.prepared_alive(id))
+    }
+
     async fn pause(&self, handle: &RuntimeHandle) -> Result<(), RuntimeError> {
         if Self::is_vm(handle) {
             self.vm()?.pause(handle).await

@@ -249,6 +249,8 @@ struct Prepared {
     /// Its tap, in the daemon's namespace until the network exists.
     tap: String,
     t0: Instant,
+    /// The tap is on the sandbox's wire already ([`Runtime::connect`]).
+    wired: bool,
 }
 
 /// How one QEMU process is to be started.
@@ -713,7 +715,16 @@ impl VmRuntime {
                 return Err(e);
             }
         };
-        let old = lock_map(&self.prepared).insert(spec.id.clone(), Prepared { q, image, tap, t0 });
+        let old = lock_map(&self.prepared).insert(
+            spec.id.clone(),
+            Prepared {
+                q,
+                image,
+                tap,
+                t0,
+                wired: false,
+            },
+        );
         if let Some(old) = old {
             kill_and_wait(old.q).await;
         }
@@ -737,8 +748,19 @@ impl VmRuntime {
                     .ok_or_else(|| RuntimeError::Process("prepared VM vanished".into()))?
             }
         };
-        let (q, image, t0) = (p.q, p.image, p.t0);
+        // A QEMU prepared and wired ahead (a warm sandbox) counts from now.
+        let warm = p.wired;
+        let t0 = if warm { Instant::now() } else { p.t0 };
+        let (q, image) = (p.q, p.image);
         let image = &image;
+        if warm {
+            // Its files were whole when it was prepared; are they still?
+            if let Err(e) = Self::check_image(image) {
+                kill_and_wait(q).await;
+                let _ = fs::remove_dir_all(self.run_dir_of(&spec.id)?);
+                return Err(e);
+            }
+        }
         let run = self.run_dir_of(&spec.id)?;
         let handle = RuntimeHandle {
             backend: BACKEND.into(),
@@ -756,8 +778,10 @@ impl VmRuntime {
             // The namespace becomes a wire and takes the tap while QEMU
             // gets ready for the stream; the guest runs once both are done.
             let wire = async {
-                net::prepare_vm_wire(network).await?;
-                net::adopt_vm_tap(network, &p.tap).await
+                if warm {
+                    return Ok(());
+                }
+                wire_tap(network, &p.tap).await
             };
             let incoming = async {
                 qmp.ignore_shared(true).await.map_err(proc_err)?;
@@ -824,13 +848,14 @@ impl VmRuntime {
             self.agents.put(&spec.id, conn);
             let configured_ms = t0.elapsed().as_secs_f64() * 1e3;
             let timings = json!({
+                "warm": warm,
                 "spawned_ms": spawned_ms,
                 "running_ms": running_ms,
                 "configured_ms": configured_ms,
                 "running_at_unix_ms": running_at_unix_ms,
             });
             write_private(&run.join("timings.json"), timings.to_string().as_bytes())?;
-            tracing::info!(sandbox = %spec.id, spawned_ms, running_ms, configured_ms, image = %image.dir.display(), "VM restored");
+            tracing::info!(sandbox = %spec.id, warm, spawned_ms, running_ms, configured_ms, image = %image.dir.display(), "VM restored");
             Ok(())
         }
         .await;
@@ -1014,6 +1039,35 @@ impl Runtime for VmRuntime {
 
     async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
         self.prepare_vm(spec).await
+    }
+
+    async fn connect(&self, spec: &SandboxSpec, net: &NetworkInfo) -> Result<(), RuntimeError> {
+        let tap = match lock_map(&self.prepared).get(&spec.id) {
+            Some(p) if !p.wired => p.tap.clone(),
+            Some(_) => return Ok(()),
+            None => {
+                return Err(RuntimeError::Process(format!(
+                    "sandbox {}: no prepared VM to connect",
+                    spec.id
+                )))
+            }
+        };
+        // QEMU creates its tap before it serves QMP.
+        let run = self.run_dir_of(&spec.id)?;
+        Qmp::connect(&run.join(QMP_SOCK), QMP_WAIT)
+            .await
+            .map_err(|e| RuntimeError::Process(format!("{e} ({})", Self::qemu_said(&run))))?;
+        wire_tap(net, &tap).await?;
+        if let Some(p) = lock_map(&self.prepared).get_mut(&spec.id) {
+            p.wired = true;
+        }
+        Ok(())
+    }
+
+    fn prepared_alive(&self, id: &str) -> bool {
+        lock_map(&self.prepared)
+            .get(id)
+            .is_none_or(|p| process_alive(p.q.pid, p.q.start))
     }
 
     async fn pause(&self, handle: &RuntimeHandle) -> Result<(), RuntimeError> {
@@ -1472,4 +1526,11 @@ async fn kill_and_wait(q: Qemu) -> bool {
         tokio::time::sleep(POLL).await;
     }
     true
+}
+
+/// Makes the sandbox namespace a wire and moves the VM's tap onto it.
+async fn wire_tap(network: &NetworkInfo, tap: &str) -> Result<(), RuntimeError> {
+    net::prepare_vm_wire(network).await?;
+    net::adopt_vm_tap(network, tap).await?;
+    Ok(())
 }
