@@ -123,6 +123,11 @@ impl Dataplane {
         ))
     }
 
+    /// Where sandboxes' filters are pinned (one directory per sandbox).
+    pub fn pin_root(&self) -> &std::path::Path {
+        &self.pin_root
+    }
+
     /// The event log.
     pub fn events(&self) -> &Arc<EventLog> {
         &self.events

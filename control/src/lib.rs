@@ -11,6 +11,7 @@ pub mod events;
 pub mod model;
 pub mod net;
 pub mod openapi;
+pub mod reclaim;
 pub mod runtime;
 pub mod service;
 pub mod store;

@@ -194,6 +194,12 @@ async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    // One daemon per state dir; every sandbox it builds is recorded as its
+    // own, so a later daemon can tell its leftovers from another's sandboxes.
+    let _state_lock = tollgate::reclaim::lock_state_dir(&cfg.state_dir)
+        .with_context(|| format!("cannot lock state dir {}", cfg.state_dir.display()))?;
+    let owner = std::fs::canonicalize(&cfg.state_dir)?;
+    tollgate::net::set_owner(PathBuf::from(RUN_DIR).join("owners"), owner)?;
     let mut keys = HashMap::new();
     let mut orgs = vec![Org {
         name: "default".into(),

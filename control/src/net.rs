@@ -480,6 +480,8 @@ impl Drop for SetupGuard {
 /// future is dropped early), what this call created is removed.
 pub async fn setup(plan: &NetPlan, sandbox_id: &str, slot: u32) -> Result<NetworkInfo, NetError> {
     let info = info_for(plan, sandbox_id, slot)?;
+    // Whose it is, before anything exists (see `crate::reclaim`).
+    claim(sandbox_id, slot)?;
     let mut guard = SetupGuard {
         info: info.clone(),
         created: Created::default(),
@@ -491,9 +493,55 @@ pub async fn setup(plan: &NetPlan, sandbox_id: &str, slot: u32) -> Result<Networ
         Ok(()) => Ok(info),
         Err(e) => {
             rollback(&info, guard.created).await;
+            unclaim(sandbox_id);
             Err(e)
         }
     }
+}
+
+/// Where each sandbox's owner (the state dir of the daemon that made it) is
+/// recorded, and this daemon's own state dir.
+static OWNERS: std::sync::OnceLock<(std::path::PathBuf, std::path::PathBuf)> =
+    std::sync::OnceLock::new();
+
+/// Makes [`setup`] record every sandbox it builds as `state_dir`'s in
+/// `dir/<sandbox id>` (and [`teardown`] forget it). Once per process.
+pub fn set_owner(dir: std::path::PathBuf, state_dir: std::path::PathBuf) -> Result<(), NetError> {
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| NetError::Plan(format!("create {}: {e}", dir.display())))?;
+    let _ = OWNERS.set((dir, state_dir));
+    Ok(())
+}
+
+/// The owner records' directory, when [`set_owner`] was called.
+pub fn owners_dir() -> Option<std::path::PathBuf> {
+    OWNERS.get().map(|(d, _)| d.clone())
+}
+
+fn claim(sandbox_id: &str, slot: u32) -> Result<(), NetError> {
+    let Some((dir, me)) = OWNERS.get() else {
+        return Ok(());
+    };
+    let path = dir.join(sandbox_id);
+    std::fs::write(&path, format!("{}\n{slot}\n", me.display()))
+        .map_err(|e| NetError::Plan(format!("record the owner in {}: {e}", path.display())))
+}
+
+/// Forgets sandbox `id`'s owner record (idempotent).
+pub fn unclaim(sandbox_id: &str) {
+    if let Some((dir, _)) = OWNERS.get() {
+        match std::fs::remove_file(dir.join(sandbox_id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(sandbox = %sandbox_id, error = %e, "cannot remove an owner record"),
+        }
+    }
+}
+
+/// Is a host-side link of `slot` present in this namespace (a sandbox of
+/// another daemon, or one being torn down)? The allocator steps past it.
+pub fn host_link_present(slot: u32) -> bool {
+    nix::net::if_::if_nametoindex(host_if_name(slot).as_str()).is_ok()
 }
 
 async fn build(info: &NetworkInfo, created: &mut Created) -> Result<(), NetError> {
@@ -729,7 +777,11 @@ pub async fn teardown(info: &NetworkInfo) -> Result<(), NetError> {
     remove_host_link(info).await?;
     remove_guest_link(info).await?;
     delete_netns(&info.router_netns)?;
-    delete_netns(&info.netns)
+    delete_netns(&info.netns)?;
+    if let Some(id) = info.netns.strip_prefix(SANDBOX_NETNS_PREFIX) {
+        unclaim(id);
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

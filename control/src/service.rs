@@ -239,6 +239,7 @@ impl<R: Runtime> Service<R> {
             }
             store.delete_warm(&w.id)?;
         }
+        reclaim_leftovers(&dataplane, &cfg, &sandboxes).await;
         let snapshots = store
             .snapshots()?
             .into_iter()
@@ -420,10 +421,7 @@ impl<R: Runtime> Service<R> {
                     .map(|i| inner.warm.remove(i));
                 let slot = match &warm {
                     Some(w) => Some(w.slot),
-                    None => {
-                        let capacity = self.slot_capacity();
-                        (0..capacity).find(|s| !inner.slots.contains(s))
-                    }
+                    None => self.free_slot(&inner),
                 };
                 match slot {
                     Some(slot) => {
@@ -631,8 +629,7 @@ impl<R: Runtime> Service<R> {
         let t0 = std::time::Instant::now();
         let claimed = {
             let mut inner = self.lock();
-            let capacity = self.slot_capacity();
-            match (0..capacity).find(|s| !inner.slots.contains(s)) {
+            match self.free_slot(&inner) {
                 Some(slot) => {
                     inner.slots.insert(slot);
                     Some(slot)
@@ -795,6 +792,12 @@ impl<R: Runtime> Service<R> {
 
     fn slot_capacity(&self) -> u32 {
         self.net_plan().capacity()
+    }
+
+    /// The lowest slot no sandbox of ours holds and no leftover link of
+    /// another daemon's sandbox occupies.
+    fn free_slot(&self, inner: &Inner) -> Option<u32> {
+        (0..self.slot_capacity()).find(|s| !inner.slots.contains(s) && !net::host_link_present(*s))
     }
 
     /// The per-sandbox network plan of this daemon.
@@ -1301,6 +1304,50 @@ async fn release_and_teardown<R: Runtime>(
     let info = net::info_for(&NetPlan::from(&cfg.network), id, slot).map_err(RuntimeError::from)?;
     net::teardown(&info).await.map_err(RuntimeError::from)?;
     Ok(())
+}
+
+/// Releases what earlier daemons left on the host that no store knows (see
+/// [`crate::reclaim`]), logging each; a leftover another daemon keeps is
+/// logged and left.
+async fn reclaim_leftovers(
+    dataplane: &Dataplane,
+    cfg: &Config,
+    known: &HashMap<String, SandboxRecord>,
+) {
+    let me = std::fs::canonicalize(&cfg.state_dir).unwrap_or_else(|_| cfg.state_dir.clone());
+    for id in crate::reclaim::ids_on_host(dataplane.pin_root()) {
+        if known.contains_key(&id) {
+            continue;
+        }
+        let owner = crate::reclaim::owner_of(&id);
+        if let crate::reclaim::Verdict::Foreign(whose) =
+            crate::reclaim::verdict(owner.as_deref(), &me)
+        {
+            tracing::info!(sandbox = %id, owner = %whose, "leftover of another daemon: left alone");
+            continue;
+        }
+        let sid = id.clone();
+        let killed = tokio::task::spawn_blocking(move || crate::reclaim::kill_processes(&sid))
+            .await
+            .unwrap_or(0);
+        let namespaces: Vec<String> = [net::netns_name(&id), net::router_netns_name(&id)]
+            .into_iter()
+            .filter(|n| net::netns_exists(n))
+            .collect();
+        let detached = dataplane.detach(&id).await;
+        let mut failed = detached.err().map(|e| e.to_string());
+        for n in &namespaces {
+            if let Err(e) = net::delete_netns(n) {
+                failed = Some(e.to_string());
+            }
+        }
+        net::unclaim(&id);
+        match failed {
+            None => tracing::warn!(sandbox = %id, owner = ?owner, processes_killed = killed,
+                namespaces = ?namespaces, "reclaimed a leftover sandbox no store knows"),
+            Some(e) => tracing::error!(sandbox = %id, error = %e, "cannot reclaim a leftover sandbox"),
+        }
+    }
 }
 
 /// Removes a snapshot's memory image directory (best effort: a failure is

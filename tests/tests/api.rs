@@ -183,6 +183,14 @@ fn restore_and_create_field_rules() {
             json!({"network_policy": {"mode": "custom", "transforms": [{"domain": "a.com"}, {"domain": "A.com."}]}}),
             "network_policy.transforms[1].domain",
         ),
+        (
+            json!({"network_policy": {"mode": "custom", "allow_domains": ["ok.example.com", "-bad.example.com"]}}),
+            "network_policy.allow_domains[1]",
+        ),
+        (
+            json!({"network_policy": {"mode": "custom", "allow_domains": ["xn--a.example.com"]}}),
+            "network_policy.allow_domains[0]",
+        ),
     ] {
         let a = d.call(
             Method::POST,

@@ -285,3 +285,65 @@ fn restart_keeps_every_object_and_reports_lost_sandboxes() {
     let del = d.delete_sandbox(&id);
     assert_eq!(del.status, StatusCode::NO_CONTENT);
 }
+
+/// A daemon killed with SIGKILL whose state dir is then lost leaves its
+/// sandbox's namespaces, links, pins and processes behind; the next daemon
+/// reclaims them at start and its first create succeeds on the same slot.
+#[test]
+fn leftovers_of_a_daemon_whose_state_dir_was_lost_are_reclaimed() {
+    let _g = serial();
+    let mut d = Daemon::start("lost-state", &default_config("10.211.48.0/20"));
+    let before_links = links(&d.lab);
+    let old = d.create_sandbox(&json!({"mode": "allow-all"}));
+    let uid = 200_000;
+    assert!(!pids_of_uid(uid).is_empty(), "the sandbox's process is not running");
+    let stopped = d.kill_keep_state();
+    std::fs::remove_dir_all(&stopped.state_dir).expect("lose the state dir");
+    assert!(links(&stopped.lab).contains("tgh0"), "the killed daemon's link is gone");
+    let mut d = Daemon::restart(stopped);
+    for ns in [format!("tollgate-{old}"), format!("tgr-{old}")] {
+        assert!(
+            !std::path::Path::new("/run/netns").join(&ns).exists(),
+            "leftover namespace {ns} kept"
+        );
+    }
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/tollgate").join(&old).exists(),
+        "leftover pins kept"
+    );
+    assert!(pids_of_uid(uid).is_empty(), "leftover process kept: {:?}", pids_of_uid(uid));
+    let log = d.log();
+    assert!(
+        log.contains("reclaimed a leftover sandbox") && log.contains(&old),
+        "{log}"
+    );
+    // The same slot again (tgh0): 201, and a working sandbox.
+    let new = d.create_sandbox(&json!({"mode": "allow-all"}));
+    let (code, out, _) = cli_exec(&d, &new, &["echo", "fresh"]);
+    assert_eq!((code, out.trim()), (0, "fresh"));
+    assert!(d.delete_sandbox(&new).status.is_success());
+    assert_eq!(links(&d.lab), before_links, "link left behind");
+}
+
+/// A second daemon with its own state dir starting while the first runs
+/// leaves the first one's sandboxes alone.
+#[test]
+fn a_second_daemon_leaves_a_running_daemon_s_sandboxes_alone() {
+    let _g = serial();
+    let mut a = Daemon::start("owner-a", &default_config("10.211.64.0/20"));
+    let mine = a.create_sandbox(&json!({"mode": "allow-all"}));
+    let mut b = Daemon::start("owner-b", &default_config("10.211.80.0/20"));
+    let theirs = b.create_sandbox(&json!({"mode": "allow-all"}));
+    assert!(
+        b.log().contains("leftover of another daemon: left alone"),
+        "{}",
+        b.log()
+    );
+    for ns in [format!("tollgate-{mine}"), format!("tgr-{mine}")] {
+        assert!(std::path::Path::new("/run/netns").join(&ns).exists(), "{ns} reclaimed");
+    }
+    let (code, out, _) = cli_exec(&a, &mine, &["echo", "still mine"]);
+    assert_eq!((code, out.trim()), (0, "still mine"));
+    assert!(b.delete_sandbox(&theirs).status.is_success());
+    assert!(a.delete_sandbox(&mine).status.is_success());
+}

@@ -60,6 +60,8 @@ pub(crate) enum NameError {
     EmptyLabel,
     /// A label longer than 63 bytes (after A-label conversion).
     LabelTooLong,
+    /// A pattern's label that starts or ends with a hyphen (`-bad.com`).
+    EdgeHyphen,
     /// More than 253 bytes (after A-label conversion).
     TooLong,
     /// UTS-46 processing refused the name (bad punycode, disallowed code point).
@@ -133,6 +135,9 @@ impl NameError {
             Self::LabelTooLong => {
                 format!("has a label longer than {MAX_LABEL_LEN} characters")
             }
+            Self::EdgeHyphen => "has a label that starts or ends with a hyphen; a label is \
+                                 letters, digits and hyphens, with a letter or digit at each end"
+                .into(),
             Self::TooLong => format!("is longer than {MAX_NAME_LEN} characters"),
             Self::Idna => "is not a valid internationalised domain name".into(),
         }
@@ -312,6 +317,11 @@ fn check_structure(name: &str, side: Side) -> Result<(), NameError> {
         }
         if label.len() > MAX_LABEL_LEN {
             return Err(NameError::LabelTooLong);
+        }
+        // Names on the wire are only matched (such a name matches no
+        // pattern); a pattern must be a host name that can exist.
+        if side == Side::Pattern && (label.starts_with('-') || label.ends_with('-')) {
+            return Err(NameError::EdgeHyphen);
         }
         for c in label.chars() {
             match c {

@@ -1751,3 +1751,28 @@ fn odd_inputs_never_panic_and_normalisation_is_idempotent() {
         );
     }
 }
+
+#[test]
+fn pattern_labels_neither_start_nor_end_with_a_hyphen_and_a_labels_decode() {
+    let cases: Vec<(&str, Result<(), NameError>)> = vec![
+        ("-bad.example.com", Err(NameError::EdgeHyphen)),
+        ("bad-.example.com", Err(NameError::EdgeHyphen)),
+        ("a.-b.example.com", Err(NameError::EdgeHyphen)),
+        ("*.-bad.example.com", Err(NameError::EdgeHyphen)),
+        ("example.com-", Err(NameError::EdgeHyphen)),
+        ("good-name.example.com", Ok(())),
+        ("a--b.example.com", Ok(())),
+        // A-labels must decode; a well-formed one is accepted.
+        ("xn--.example.com", Err(NameError::Idna)),
+        ("xn--a.com", Err(NameError::Idna)),
+        ("xn--99999999999.com", Err(NameError::Idna)),
+        ("xn--bcher-kva.example", Ok(())),
+    ];
+    for (raw, want) in cases {
+        let got = Pattern::parse(raw).map(|_| ());
+        assert_eq!(got, want, "pattern {raw:?}");
+    }
+    let e = errs(json!({"mode": "custom", "allow_domains": ["ok.com", "-bad.example.com"]}));
+    assert_eq!(fields(&e), ["network_policy.allow_domains[1]"]);
+    assert!(e[0].error.contains("hyphen"), "{}", e[0].error);
+}
