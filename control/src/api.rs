@@ -115,25 +115,33 @@ impl Keys {
     /// The organization a request authenticates as: `Authorization: Bearer KEY`
     /// (or the bare key) or `X-API-Key: KEY`.
     pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<&str, ApiError> {
-        let mut presented = None;
-        if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-            presented = Some(v.trim());
-        }
-        if presented.is_none() {
-            if let Some(v) = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-            {
+        let from_header = headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+        let from_authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
                 let v = v.trim();
-                let key = match v.split_once(' ') {
+                match v.split_once(' ') {
                     Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
                     _ => v,
-                };
-                presented = Some(key);
+                }
+            })
+            .filter(|k| !k.is_empty());
+        let key = match (from_header, from_authorization) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "X-API-Key and Authorization carry different API keys",
+                ))
             }
-        }
-        let Some(key) = presented.filter(|k| !k.is_empty()) else {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing API key"));
+            (Some(k), _) | (None, Some(k)) => k,
+            (None, None) => {
+                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing API key"));
+            }
         };
         self.0
             .get(key)

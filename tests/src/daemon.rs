@@ -239,27 +239,34 @@ impl Daemon {
         key: Option<&str>,
         body: Option<&Value>,
     ) -> anyhow::Result<Answer> {
-        let header = key.map(|k| ("authorization".to_string(), format!("Bearer {k}")));
-        self.send(method, path, header, body.cloned())
+        let headers = key
+            .map(|k| ("authorization".to_string(), format!("Bearer {k}")))
+            .into_iter()
+            .collect();
+        self.send(method, path, headers, body.cloned())
     }
 
     /// Sends a request with one header of the caller's choosing (credentials
     /// in a form the default client does not use).
     pub fn call_header(&self, method: Method, path: &str, name: &str, value: &str) -> Answer {
-        self.send(
-            method,
-            path,
-            Some((name.to_string(), value.to_string())),
-            None,
-        )
-        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        self.call_headers(method, path, &[(name, value)])
+    }
+
+    /// Sends a request with the headers of the caller's choosing.
+    pub fn call_headers(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let headers = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        self.send(method, path, headers, None)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     fn send(
         &self,
         method: Method,
         path: &str,
-        header: Option<(String, String)>,
+        headers: Vec<(String, String)>,
         body: Option<Value>,
     ) -> anyhow::Result<Answer> {
         let url = self.url.clone();
@@ -268,7 +275,7 @@ impl Daemon {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (status, body) = rt.block_on(request(&url, method, &path, header, body))?;
+            let (status, body) = rt.block_on(request(&url, method, &path, headers, body))?;
             Ok(Answer { status, body })
         })
     }
@@ -486,7 +493,7 @@ async fn request(
     base: &str,
     method: Method,
     path: &str,
-    header: Option<(String, String)>,
+    headers: Vec<(String, String)>,
     body: Option<Value>,
 ) -> anyhow::Result<(StatusCode, Value)> {
     use http_body_util::{BodyExt, Full};
@@ -508,7 +515,7 @@ async fn request(
         .uri(path)
         .header(http::header::HOST, format!("{host}:{port}"))
         .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some((name, value)) = header {
+    for (name, value) in headers {
         req = req.header(name, value);
     }
     let resp = sender.send_request(req.body(Full::new(payload))?).await?;

@@ -241,6 +241,25 @@ fn auth_401_and_404_paths() {
         "401 body is {{message}}: {}",
         a.body
     );
+    // An empty X-API-Key is no key; two different keys are refused.
+    let bearer = format!("Bearer {KEY_DEFAULT}");
+    let a = d.call_headers(
+        Method::GET,
+        "/v1/sandboxes",
+        &[("x-api-key", ""), ("authorization", &bearer)],
+    );
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let a = d.call_headers(
+        Method::GET,
+        "/v1/sandboxes",
+        &[("x-api-key", KEY_OTHER), ("authorization", &bearer)],
+    );
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.body);
+    assert!(
+        a.body["message"].as_str().is_some_and(|m| m.contains("different")),
+        "{}",
+        a.body
+    );
 
     let a = d.call(
         Method::POST,
