@@ -159,10 +159,8 @@ pub fn kill_processes(id: &str) -> usize {
         let serves = fs::read(e.path().join("cmdline"))
             .map(|c| String::from_utf8_lossy(&c).contains(&run_dir))
             .unwrap_or(false);
-        if in_ns || serves {
-            if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-                killed.push(pid);
-            }
+        if (in_ns || serves) && kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            killed.push(pid);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(3);

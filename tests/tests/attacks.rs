@@ -90,7 +90,7 @@ impl World {
     /// The daemon's resident memory (KiB) and open descriptors.
     fn daemon_usage(&self) -> (u64, usize) {
         let needle = self.d.state_dir.to_string_lossy().into_owned();
-        let pid = pids_with_cmdline(&format!("serve --listen"))
+        let pid = pids_with_cmdline("serve --listen")
             .into_iter()
             .filter(|p| {
                 std::fs::read(format!("/proc/{p}/cmdline"))
