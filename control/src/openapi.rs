@@ -68,6 +68,13 @@ fn list_params(sorts: &[&str], filter: Value) -> Value {
 
 /// The document.
 pub fn document() -> Value {
+    let mut doc = base_document();
+    add_links(&mut doc);
+    doc
+}
+
+/// The document without its links.
+fn base_document() -> Value {
     const STATES: [&str; 7] = [
         "starting",
         "running",
@@ -244,4 +251,91 @@ pub fn document() -> Value {
             }
         }
     })
+}
+
+/// `operationRef` of `method` on `path`.
+fn op_ref(path: &str, method: &str) -> String {
+    format!("#/paths/{}/{method}", path.replace('~', "~0").replace('/', "~1"))
+}
+
+/// OpenAPI links: what a created sandbox's or snapshot's id leads to, so
+/// that clients (and stateful API fuzzers) can follow them.
+fn add_links(doc: &mut Value) {
+    let by_id = [
+        ("GetSandbox", "/v1/sandbox/{id}/", "get"),
+        ("DeleteSandbox", "/v1/sandbox/{id}/", "delete"),
+        ("PauseSandbox", "/v1/sandbox/{id}/pause", "post"),
+        ("ResumeSandbox", "/v1/sandbox/{id}/resume", "post"),
+        ("SnapshotSandbox", "/v1/sandbox/{id}/snapshot/create", "post"),
+        ("SetNetworkPolicy", "/v1/sandbox/{id}/network_policy", "put"),
+        ("Execute", "/v1/sandbox/{id}/process/execute", "post"),
+        ("NetworkEvents", "/v1/sandbox/{id}/network/events", "get"),
+        ("NetworkCounters", "/v1/sandbox/{id}/network/counters", "get"),
+        ("SandboxCa", "/v1/sandbox/{id}/ca.pem", "get"),
+    ];
+    let sandbox_links: serde_json::Map<String, Value> = by_id
+        .iter()
+        .map(|(name, path, method)| {
+            (
+                (*name).to_string(),
+                json!({"operationRef": op_ref(path, method), "parameters": {"id": "$response.body#/id"}}),
+            )
+        })
+        .collect();
+    for (path, method, code) in [
+        ("/v1/sandbox", "post", "201"),
+        ("/v1/snapshot/resume", "post", "201"),
+        ("/v1/snapshot/restore", "post", "201"),
+        ("/v1/sandbox/{id}/pause", "post", "201"),
+        ("/v1/sandbox/{id}/resume", "post", "201"),
+    ] {
+        if let Some(r) = doc
+            .pointer_mut(&format!("{}/responses/{code}", op_ref(path, method).trim_start_matches('#')))
+            .and_then(Value::as_object_mut)
+        {
+            r.insert("links".into(), Value::Object(sandbox_links.clone()));
+        }
+    }
+    let snapshot_links = json!({
+        "DeleteSnapshot": {"operationRef": op_ref("/v1/snapshot/{id}", "delete"), "parameters": {"id": "$response.body#/id"}},
+        "ResumeSnapshot": {"operationRef": op_ref("/v1/snapshot/resume", "post"), "requestBody": {"snapshot_name": "$response.body#/name"}},
+        "RestoreSnapshot": {"operationRef": op_ref("/v1/snapshot/restore", "post"), "requestBody": {"snapshot_name": "$response.body#/name"}}
+    });
+    if let Some(r) = doc
+        .pointer_mut(&format!(
+            "{}/responses/201",
+            op_ref("/v1/sandbox/{id}/snapshot/create", "post").trim_start_matches('#')
+        ))
+        .and_then(Value::as_object_mut)
+    {
+        r.insert("links".into(), snapshot_links);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_link_points_at_a_documented_operation() {
+        let doc = document();
+        let mut links = 0;
+        for (_, item) in doc["paths"].as_object().expect("paths") {
+            for (_, op) in item.as_object().expect("path item") {
+                for (_, resp) in op["responses"].as_object().into_iter().flatten() {
+                    for (name, link) in resp["links"].as_object().into_iter().flatten() {
+                        let r = link["operationRef"].as_str().expect("operationRef");
+                        let target = doc.pointer(r.trim_start_matches('#'));
+                        assert!(
+                            target.is_some_and(|t| t["responses"].is_object()),
+                            "link {name}: {r} is no operation"
+                        );
+                        links += 1;
+                    }
+                }
+            }
+        }
+        // Five sandbox-returning operations × ten links, plus three from a snapshot.
+        assert_eq!(links, 53);
+    }
 }
