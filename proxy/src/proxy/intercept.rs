@@ -268,6 +268,18 @@ pub(super) async fn serve(
     ctx.release_upstream();
 }
 
+/// Bytes of an HTTP/1 request head as sent: request line, each header line
+/// (`name: value` + CRLF) and the final CRLF.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
+}
+
 /// Lower case, no trailing dot.
 fn normalise(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -287,6 +299,11 @@ impl Conn {
         }
         if req.method() == Method::TRACE {
             return self.refuse(ProxyError::MethodNotAllowed("trace_not_allowed"));
+        }
+        // hyper's read-buffer cap is soft (one large read can carry a head
+        // past it); the head's own size is the limit.
+        if !self.h2 && head_size(&req) > self.proxy.cfg.max_header_bytes {
+            return self.refuse(ProxyError::Detect(crate::detect::DetectError::BadHttp("header_too_large")));
         }
         let target = match self.target(&req) {
             Ok(t) => t,

@@ -623,6 +623,30 @@ async fn trace_and_connect_are_405_and_never_forwarded() {
 }
 
 #[tokio::test]
+async fn an_h1_head_over_the_limit_is_431_and_never_forwarded() {
+    let s = setup().await;
+    let mut c = Client::connect(&s, false).await;
+    // 3 × 30 KB: more than the 64 KiB limit, in one write.
+    let big = "a".repeat(30_000);
+    let (status, _, _) = c
+        .get(
+            "api.test",
+            "/",
+            &[("x-a", big.as_str()), ("x-b", big.as_str()), ("x-c", big.as_str())],
+        )
+        .await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert!(s.origin.seen.lock().unwrap().is_empty());
+    // Just under the limit still goes through.
+    let mut c = Client::connect(&s, false).await;
+    let ok = "a".repeat(20_000);
+    let (status, _, _) = c
+        .get("api.test", "/", &[("x-a", ok.as_str()), ("x-b", ok.as_str())])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn request_trailers_lose_stripped_and_injected_names() {
     let s = setup().await;
     let alpn: &[&[u8]] = &[b"h2"];
