@@ -296,16 +296,7 @@ def h2_conn(host):
 
 def h2_read(s, wait=5.0):
     """Frames until the peer closes or goes quiet: (types seen, statuses)."""
-    s.settimeout(wait)
-    buf = b""
-    try:
-        while True:
-            b = s.recv(65536)
-            if not b:
-                break
-            buf += b
-    except (socket.timeout, ssl.SSLError, OSError):
-        pass
+    buf = read_all(s, wait)
     kinds, statuses_, i = [], [], 0
     while i + 9 <= len(buf):
         ln = int.from_bytes(buf[i:i + 3], "big")

@@ -231,6 +231,24 @@ impl Daemon {
         cmd
     }
 
+    /// Ids of the warm sandboxes the daemon's log says became ready, oldest
+    /// first.
+    pub fn warm_ready(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("warm sandbox ready"))
+            .filter_map(|l| {
+                let at = l.find("sbx-")?;
+                Some(
+                    l[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
     /// Sends a request with `key` (None: no credentials).
     pub fn call_raw(
         &self,

@@ -577,20 +577,7 @@ fn four_clones_of_one_snapshot_each_obey_their_own_policy() {
 
 /// Ids the daemon's log says became warm, newest first.
 fn warm_ready(d: &Daemon) -> Vec<String> {
-    let mut ids: Vec<String> = d
-        .log()
-        .lines()
-        .filter(|l| l.contains("warm sandbox ready"))
-        .filter_map(|l| {
-            let at = l.find("sbx-")?;
-            Some(
-                l[at..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                    .collect(),
-            )
-        })
-        .collect();
+    let mut ids = d.warm_ready();
     ids.reverse();
     ids
 }

@@ -41,22 +41,6 @@ warm = 1
     )
 }
 
-/// Ids the daemon's log says became warm, oldest first.
-fn warm_ready(d: &Daemon) -> Vec<String> {
-    d.log()
-        .lines()
-        .filter(|l| l.contains("warm sandbox ready"))
-        .filter_map(|l| {
-            let at = l.find("sbx-")?;
-            let id: String = l[at..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .collect();
-            Some(id)
-        })
-        .collect()
-}
-
 /// `text` without terminal colour sequences.
 fn plain(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -79,7 +63,7 @@ fn plain(text: &str) -> String {
 fn next_warm(d: &Daemon, not: &[String]) -> String {
     let mut found = None;
     let ok = wait_until(Duration::from_secs(20), || {
-        found = warm_ready(d).into_iter().rev().find(|id| !not.contains(id));
+        found = d.warm_ready().into_iter().rev().find(|id| !not.contains(id));
         found.is_some()
     });
     assert!(ok, "no warm sandbox became ready:\n{}", d.log());
@@ -107,6 +91,17 @@ fn connect_public(d: &mut Daemon, id: &str) -> i64 {
         20,
     );
     code
+}
+
+/// `GET /v1/sandbox/{id}/`.
+fn get(d: &mut Daemon, id: &str) -> tollgate_tests::daemon::Answer {
+    d.call(
+        Method::GET,
+        &format!("/v1/sandbox/{id}/"),
+        "/v1/sandbox/{id}/",
+        KEY_DEFAULT,
+        None,
+    )
 }
 
 fn namespaces_of(id: &str) -> [bool; 2] {
@@ -153,7 +148,7 @@ fn the_next_launch_takes_the_warm_sandbox_and_obeys_its_own_policy() {
     let deny = json!({"mode": "deny-all"});
     let c = create(&mut d, json!({"memory": 768, "network_policy": deny}));
     let c = c["id"].as_str().expect("id").to_owned();
-    assert!(!warm_ready(&d).contains(&c), "a new shape was served warm");
+    assert!(!d.warm_ready().contains(&c), "a new shape was served warm");
     let w2 = next_warm(&d, &[w.clone(), w1.clone()]);
     let e = create(&mut d, json!({"memory": 768, "network_policy": deny}));
     assert_eq!(e["id"], w2.as_str());
@@ -172,13 +167,7 @@ fn the_next_launch_takes_the_warm_sandbox_and_obeys_its_own_policy() {
     assert_eq!(namespaces_of(&w3), [false, false], "warm sandbox left at stop");
     assert_eq!(namespaces_of(&w), [true, true], "a real sandbox was released");
     let mut d = Daemon::restart(stopped);
-    let g = d.call(
-        Method::GET,
-        &format!("/v1/sandbox/{w}/"),
-        "/v1/sandbox/{id}/",
-        KEY_DEFAULT,
-        None,
-    );
+    let g = get(&mut d, &w);
     assert_eq!(g.body["state"], "running", "{}", g.body);
     assert_eq!(connect_public(&mut d, &w), 0);
 }
@@ -204,21 +193,9 @@ fn a_killed_daemon_s_warm_sandbox_is_released_at_the_next_start() {
         d.log()
     );
     // Its id was never handed out, and the real sandbox lives on.
-    let g = d.call(
-        Method::GET,
-        &format!("/v1/sandbox/{w}/"),
-        "/v1/sandbox/{id}/",
-        KEY_DEFAULT,
-        None,
-    );
+    let g = get(&mut d, &w);
     assert_eq!(g.status, StatusCode::NOT_FOUND, "{}", g.body);
-    let g = d.call(
-        Method::GET,
-        &format!("/v1/sandbox/{a}/"),
-        "/v1/sandbox/{id}/",
-        KEY_DEFAULT,
-        None,
-    );
+    let g = get(&mut d, &a);
     assert_eq!(g.body["state"], "running", "{}", g.body);
 }
 
