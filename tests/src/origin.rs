@@ -11,6 +11,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `/echo` | 200; every request header comes back as `x-echo-<name>` (every occurrence, in order), the body is a JSON summary of the request |
+//! | `/echo-split` | 200; the request's `Authorization` value in the body, split over two chunks sent 100 ms apart |
 //! | `/big` | 200, [`BIG`] deterministic bytes ([`big_byte`], sha256 [`big_sha256`]) |
 //! | `/upload` | reads the body as a stream; 200 `{"sha256": "<hex>", "len": N}` |
 //! | `/redirect?to=URL` | 302, `Location: URL` (percent-decoded) |
@@ -993,6 +994,26 @@ async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>, conn: Arc<ConnState>) -> 
                 HeaderValue::from_static("application/json"),
             );
             r
+        }
+        "/echo-split" => {
+            // The request's Authorization value comes back in the body split
+            // over two chunks sent 100 ms apart.
+            let auth = req_headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+                .unwrap_or_default();
+            let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(4);
+            tokio::spawn(async move {
+                let mid = auth.len() / 2;
+                let mut first = b"reflected: ".to_vec();
+                first.extend_from_slice(&auth[..mid]);
+                let _ = tx.send(Frame::data(Bytes::from(first))).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut second = auth[mid..].to_vec();
+                second.extend_from_slice(b" (end)\n");
+                let _ = tx.send(Frame::data(Bytes::from(second))).await;
+            });
+            response(&ctx, &rec, StatusCode::OK, ChanBody(rx).boxed())
         }
         "/big" => {
             let mut r = response(

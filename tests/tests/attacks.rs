@@ -585,6 +585,21 @@ fn attack_suite() {
         let injected = w.origin("api.test").requests().last().is_some_and(|r| r.header("authorization") == Some(SECRET));
         (o.contains("statuses:200") && o.contains("leaked:False") && injected, format!("{o}; injected upstream {injected}"))
     });
+    check(&mut rows, &mut w, "reflected-secret-split-across-chunks", "credentials", "the sandbox never sees the secret the origin sends back in two chunks", |w| {
+        let o = w.py(&custom, "get api.test /echo-split");
+        let injected = w.origin("api.test").requests().last().is_some_and(|r| r.header("authorization") == Some(SECRET));
+        (o.contains("statuses:200") && o.contains("leaked:False") && injected, format!("{o}; injected upstream {injected}"))
+    });
+    check(&mut rows, &mut w, "sni-allowed-to-other-sandbox", "sni-spoofing", "dialled by name: the other sandbox's listener accepts 0", |w| {
+        let lst = format!("/usr/bin/python3 {} listen 9998 6 &", w.script.display());
+        let _ = w.d.sh(&other, &format!("({lst}) > /tmp/listen2.out 2>&1; sleep 0.5; echo started"), 10);
+        // The other sandbox's router uplink (slot 3) and the shared guest address.
+        let a = w.py(&custom, "hello 10.218.0.14 9998 allowed.test plain");
+        let b = w.py(&custom, "hello 10.0.2.15 9998 allowed.test plain");
+        std::thread::sleep(Duration::from_secs(6));
+        let got = w.sh(&other, "cat /tmp/listen2.out");
+        (got.contains("accepted:0"), format!("{a} / {b}; listener: {got}"))
+    });
     check(&mut rows, &mut w, "redirect-to-evil-not-followed", "credentials", "302 passed back; evil.test 0 connections", |w| {
         let o = w.py(&custom, "get api.test /redirect?to=https://evil.test/steal");
         let evil = w.origin("evil.test").connection_count();
