@@ -216,7 +216,12 @@ pool = "10.217.0.0/16"
             99.0,
             Target::Report,
         ),
-        fig("vm_resume_cold_api_response", &cold_api, 50.0, Target::Report),
+        fig(
+            "vm_resume_cold_api_response",
+            &cold_api,
+            50.0,
+            Target::Report,
+        ),
         fig(
             "vm_resume_cold_to_first_tcp_connection",
             &cold_connect,

@@ -533,7 +533,9 @@ pub fn unclaim(sandbox_id: &str) {
         match std::fs::remove_file(dir.join(sandbox_id)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(sandbox = %sandbox_id, error = %e, "cannot remove an owner record"),
+            Err(e) => {
+                tracing::warn!(sandbox = %sandbox_id, error = %e, "cannot remove an owner record")
+            }
         }
     }
 }

@@ -255,7 +255,10 @@ fn base_document() -> Value {
 
 /// `operationRef` of `method` on `path`.
 fn op_ref(path: &str, method: &str) -> String {
-    format!("#/paths/{}/{method}", path.replace('~', "~0").replace('/', "~1"))
+    format!(
+        "#/paths/{}/{method}",
+        path.replace('~', "~0").replace('/', "~1")
+    )
 }
 
 /// OpenAPI links: what a created sandbox's or snapshot's id leads to, so
@@ -266,11 +269,19 @@ fn add_links(doc: &mut Value) {
         ("DeleteSandbox", "/v1/sandbox/{id}/", "delete"),
         ("PauseSandbox", "/v1/sandbox/{id}/pause", "post"),
         ("ResumeSandbox", "/v1/sandbox/{id}/resume", "post"),
-        ("SnapshotSandbox", "/v1/sandbox/{id}/snapshot/create", "post"),
+        (
+            "SnapshotSandbox",
+            "/v1/sandbox/{id}/snapshot/create",
+            "post",
+        ),
         ("SetNetworkPolicy", "/v1/sandbox/{id}/network_policy", "put"),
         ("Execute", "/v1/sandbox/{id}/process/execute", "post"),
         ("NetworkEvents", "/v1/sandbox/{id}/network/events", "get"),
-        ("NetworkCounters", "/v1/sandbox/{id}/network/counters", "get"),
+        (
+            "NetworkCounters",
+            "/v1/sandbox/{id}/network/counters",
+            "get",
+        ),
         ("SandboxCa", "/v1/sandbox/{id}/ca.pem", "get"),
     ];
     let sandbox_links: serde_json::Map<String, Value> = by_id
@@ -290,7 +301,10 @@ fn add_links(doc: &mut Value) {
         ("/v1/sandbox/{id}/resume", "post", "201"),
     ] {
         if let Some(r) = doc
-            .pointer_mut(&format!("{}/responses/{code}", op_ref(path, method).trim_start_matches('#')))
+            .pointer_mut(&format!(
+                "{}/responses/{code}",
+                op_ref(path, method).trim_start_matches('#')
+            ))
             .and_then(Value::as_object_mut)
         {
             r.insert("links".into(), Value::Object(sandbox_links.clone()));

@@ -153,7 +153,10 @@ pub fn kill_processes(id: &str) -> usize {
             .ok()
             .and_then(|l| {
                 let l = l.to_string_lossy().into_owned();
-                l.strip_prefix("net:[")?.strip_suffix(']')?.parse::<u64>().ok()
+                l.strip_prefix("net:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
             })
             .is_some_and(|ino| inodes.contains(&ino));
         let serves = fs::read(e.path().join("cmdline"))

@@ -427,7 +427,9 @@ impl<R: Runtime> Service<R> {
                     Some(slot) => {
                         let t = now();
                         let r = SandboxRecord {
-                            id: warm.as_ref().map_or_else(|| new_id("sbx-"), |w| w.id.clone()),
+                            id: warm
+                                .as_ref()
+                                .map_or_else(|| new_id("sbx-"), |w| w.id.clone()),
                             org: org.to_string(),
                             template_id: template.name.clone(),
                             vcpu,
@@ -463,7 +465,9 @@ impl<R: Runtime> Service<R> {
                     }
                     None if attempt == 1 && !inner.warm.is_empty() => inner.warm.remove(0),
                     None => {
-                        return Err(ServiceError::Capacity("the address pool is exhausted".into()))
+                        return Err(ServiceError::Capacity(
+                            "the address pool is exhausted".into(),
+                        ))
                     }
                 }
             };
@@ -1345,7 +1349,9 @@ async fn reclaim_leftovers(
         match failed {
             None => tracing::warn!(sandbox = %id, owner = ?owner, processes_killed = killed,
                 namespaces = ?namespaces, "reclaimed a leftover sandbox no store knows"),
-            Some(e) => tracing::error!(sandbox = %id, error = %e, "cannot reclaim a leftover sandbox"),
+            Some(e) => {
+                tracing::error!(sandbox = %id, error = %e, "cannot reclaim a leftover sandbox")
+            }
         }
     }
 }

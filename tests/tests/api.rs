@@ -256,7 +256,9 @@ fn auth_401_and_404_paths() {
     );
     assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.body);
     assert!(
-        a.body["message"].as_str().is_some_and(|m| m.contains("different")),
+        a.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("different")),
         "{}",
         a.body
     );

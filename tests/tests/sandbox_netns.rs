@@ -296,10 +296,16 @@ fn leftovers_of_a_daemon_whose_state_dir_was_lost_are_reclaimed() {
     let before_links = links(&d.lab);
     let old = d.create_sandbox(&json!({"mode": "allow-all"}));
     let uid = 200_000;
-    assert!(!pids_of_uid(uid).is_empty(), "the sandbox's process is not running");
+    assert!(
+        !pids_of_uid(uid).is_empty(),
+        "the sandbox's process is not running"
+    );
     let stopped = d.kill_keep_state();
     std::fs::remove_dir_all(&stopped.state_dir).expect("lose the state dir");
-    assert!(links(&stopped.lab).contains("tgh0"), "the killed daemon's link is gone");
+    assert!(
+        links(&stopped.lab).contains("tgh0"),
+        "the killed daemon's link is gone"
+    );
     let mut d = Daemon::restart(stopped);
     for ns in [format!("tollgate-{old}"), format!("tgr-{old}")] {
         assert!(
@@ -308,10 +314,16 @@ fn leftovers_of_a_daemon_whose_state_dir_was_lost_are_reclaimed() {
         );
     }
     assert!(
-        !std::path::Path::new("/sys/fs/bpf/tollgate").join(&old).exists(),
+        !std::path::Path::new("/sys/fs/bpf/tollgate")
+            .join(&old)
+            .exists(),
         "leftover pins kept"
     );
-    assert!(pids_of_uid(uid).is_empty(), "leftover process kept: {:?}", pids_of_uid(uid));
+    assert!(
+        pids_of_uid(uid).is_empty(),
+        "leftover process kept: {:?}",
+        pids_of_uid(uid)
+    );
     let log = d.log();
     assert!(
         log.contains("reclaimed a leftover sandbox") && log.contains(&old),
@@ -340,7 +352,10 @@ fn a_second_daemon_leaves_a_running_daemon_s_sandboxes_alone() {
         b.log()
     );
     for ns in [format!("tollgate-{mine}"), format!("tgr-{mine}")] {
-        assert!(std::path::Path::new("/run/netns").join(&ns).exists(), "{ns} reclaimed");
+        assert!(
+            std::path::Path::new("/run/netns").join(&ns).exists(),
+            "{ns} reclaimed"
+        );
     }
     let (code, out, _) = cli_exec(&a, &mine, &["echo", "still mine"]);
     assert_eq!((code, out.trim()), (0, "still mine"));

@@ -631,12 +631,19 @@ fn the_next_resume_of_a_snapshot_takes_a_warm_vm() {
 
     let (status, second) = resume(&mut d, &body);
     assert_eq!(status, StatusCode::CREATED, "{second}\n{}", d.log());
-    assert_eq!(second["id"], warm.as_str(), "the resume did not take the warm VM");
+    assert_eq!(
+        second["id"],
+        warm.as_str(),
+        "the resume did not take the warm VM"
+    );
     assert_eq!(timings(&d, &warm)["warm"], true);
     // The snapshot's memory, going on.
     let c = counter(&mut d, &warm).expect("counter in the warm clone");
     assert!(c >= before, "counter {c} < {before} at the snapshot");
-    assert_eq!(sh_ok(&mut d, &warm, "cat /run/tollgate/sandbox-id").trim(), warm);
+    assert_eq!(
+        sh_ok(&mut d, &warm, "cat /run/tollgate/sandbox-id").trim(),
+        warm
+    );
     // The request's policy, not the warm VM's deny-all.
     d.lab.canary.clear();
     sh_ok(

@@ -63,7 +63,11 @@ fn plain(text: &str) -> String {
 fn next_warm(d: &Daemon, not: &[String]) -> String {
     let mut found = None;
     let ok = wait_until(Duration::from_secs(20), || {
-        found = d.warm_ready().into_iter().rev().find(|id| !not.contains(id));
+        found = d
+            .warm_ready()
+            .into_iter()
+            .rev()
+            .find(|id| !not.contains(id));
         found.is_some()
     });
     assert!(ok, "no warm sandbox became ready:\n{}", d.log());
@@ -126,7 +130,11 @@ fn the_next_launch_takes_the_warm_sandbox_and_obeys_its_own_policy() {
 
     // The same launch again: it gets the warm sandbox, with its policy.
     let b = create(&mut d, json!({"memory": 512, "network_policy": allow}));
-    assert_eq!(b["id"], w.as_str(), "the launch did not take the warm sandbox");
+    assert_eq!(
+        b["id"],
+        w.as_str(),
+        "the launch did not take the warm sandbox"
+    );
     assert_eq!(b["state"], "running", "{b}");
     d.lab.canary.clear();
     assert_eq!(connect_public(&mut d, &w), 0, "allowed CIDR not reached");
@@ -159,13 +167,25 @@ fn the_next_launch_takes_the_warm_sandbox_and_obeys_its_own_policy() {
     // One warm sandbox at most: the older shape's (w1) made room for the
     // newer.
     let w3 = next_warm(&d, &[w.clone(), w1.clone(), w2.clone()]);
-    assert_eq!(namespaces_of(&w1), [false, false], "more than one warm sandbox kept");
+    assert_eq!(
+        namespaces_of(&w1),
+        [false, false],
+        "more than one warm sandbox kept"
+    );
     assert_eq!(namespaces_of(&w3), [true, true]);
 
     // A graceful stop releases it; the sandboxes keep running.
     let stopped = d.stop_keep_state();
-    assert_eq!(namespaces_of(&w3), [false, false], "warm sandbox left at stop");
-    assert_eq!(namespaces_of(&w), [true, true], "a real sandbox was released");
+    assert_eq!(
+        namespaces_of(&w3),
+        [false, false],
+        "warm sandbox left at stop"
+    );
+    assert_eq!(
+        namespaces_of(&w),
+        [true, true],
+        "a real sandbox was released"
+    );
     let mut d = Daemon::restart(stopped);
     let g = get(&mut d, &w);
     assert_eq!(g.body["state"], "running", "{}", g.body);
@@ -188,7 +208,8 @@ fn a_killed_daemon_s_warm_sandbox_is_released_at_the_next_start() {
         "the warm sandbox of the killed daemon is still there"
     );
     assert!(
-        d.log().contains("released a warm sandbox of the previous run"),
+        d.log()
+            .contains("released a warm sandbox of the previous run"),
         "{}",
         d.log()
     );
@@ -211,7 +232,11 @@ fn a_warm_sandbox_gives_its_slot_to_a_launch_that_needs_it() {
     let b = create(&mut d, json!({"memory": 768}));
     let b = b["id"].as_str().expect("id").to_owned();
     assert_ne!(b, w);
-    assert_eq!(namespaces_of(&w), [false, false], "warm sandbox kept its slot");
+    assert_eq!(
+        namespaces_of(&w),
+        [false, false],
+        "warm sandbox kept its slot"
+    );
     assert_eq!(namespaces_of(&b), [true, true]);
     // Full: no warm sandbox can be built now, and a third launch is 503.
     let c = d.call(

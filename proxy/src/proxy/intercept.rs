@@ -303,7 +303,9 @@ impl Conn {
         // hyper's read-buffer cap is soft (one large read can carry a head
         // past it); the head's own size is the limit.
         if !self.h2 && head_size(&req) > self.proxy.cfg.max_header_bytes {
-            return self.refuse(ProxyError::Detect(crate::detect::DetectError::BadHttp("header_too_large")));
+            return self.refuse(ProxyError::Detect(crate::detect::DetectError::BadHttp(
+                "header_too_large",
+            )));
         }
         let target = match self.target(&req) {
             Ok(t) => t,

@@ -632,7 +632,11 @@ async fn an_h1_head_over_the_limit_is_431_and_never_forwarded() {
         .get(
             "api.test",
             "/",
-            &[("x-a", big.as_str()), ("x-b", big.as_str()), ("x-c", big.as_str())],
+            &[
+                ("x-a", big.as_str()),
+                ("x-b", big.as_str()),
+                ("x-c", big.as_str()),
+            ],
         )
         .await;
     assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
@@ -641,7 +645,11 @@ async fn an_h1_head_over_the_limit_is_431_and_never_forwarded() {
     let mut c = Client::connect(&s, false).await;
     let ok = "a".repeat(20_000);
     let (status, _, _) = c
-        .get("api.test", "/", &[("x-a", ok.as_str()), ("x-b", ok.as_str())])
+        .get(
+            "api.test",
+            "/",
+            &[("x-a", ok.as_str()), ("x-b", ok.as_str())],
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
 }
