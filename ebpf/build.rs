@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// One object per attach point (keep in sync with `check-object`).
-const PROGRAMS: &[&str] = &["egress", "lookup"];
+const PROGRAMS: &[&str] = &["egress", "lookup", "splice"];
 
 /// Flags shared with `check-object` (keep both in sync).
 const CFLAGS: &[&str] = &[

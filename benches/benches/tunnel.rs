@@ -182,6 +182,17 @@ async fn transparent_listener(proxy: Arc<SandboxProxy>) -> OwnedFd {
     fd
 }
 
+/// The kernel tunnel's program, loaded once (root); the kernel relay is
+/// measured only where it loads.
+fn kernel_tunnel() -> Option<Arc<dyn tollgate_proxy::tunnel::kernel::KernelTunnel>> {
+    match tollgate::kernel_tunnel::EbpfTunnel::load() {
+        Ok(kt) => Some(kt),
+        Err(e) => panic!(
+            "tunnel: the kernel tunnel's program does not load ({e}); run as root: sudo -E cargo bench -p tollgate-benches --bench tunnel"
+        ),
+    }
+}
+
 // === the bare relay ===
 
 /// A relay with nothing but the moving of bytes: blocking threads, one per
@@ -257,8 +268,9 @@ enum Topology {
 /// How a tunnel moves bytes (the proxy's [`CopyMode`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Relay {
+    /// The kernel tunnel (sockhash + stream verdict), production's.
+    Kernel,
     Splice,
-    Userspace,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -313,30 +325,27 @@ impl Topology {
 impl Relay {
     /// What production uses ([`ProxyConfig::default`]).
     fn default_mode() -> Self {
-        match ProxyConfig::default().copy_mode {
-            CopyMode::Userspace => Self::Userspace,
-            _ => Self::Splice,
-        }
+        Self::Kernel
     }
 
     fn other(self) -> Self {
         match self {
-            Self::Splice => Self::Userspace,
-            Self::Userspace => Self::Splice,
+            Self::Kernel => Self::Splice,
+            Self::Splice => Self::Kernel,
         }
     }
 
     fn mode(self) -> CopyMode {
         match self {
+            Self::Kernel => CopyMode::Kernel,
             Self::Splice => CopyMode::Splice,
-            Self::Userspace => CopyMode::Userspace,
         }
     }
 
     fn tag(self) -> &'static str {
         match self {
+            Self::Kernel => "kernel",
             Self::Splice => "splice",
-            Self::Userspace => "userspace",
         }
     }
 }
@@ -389,9 +398,11 @@ impl Rig {
         ]);
         let resolver = Arc::new(StaticResolver::new().with(NAME, [IpAddr::V4(origin_ip)]));
         let mut listeners = Vec::new();
-        for relay in [Relay::Splice, Relay::Userspace] {
+        let kernel = kernel_tunnel();
+        for relay in [Relay::Kernel, Relay::Splice] {
             let cfg = ProxyConfig {
                 copy_mode: relay.mode(),
+                kernel_tunnel: kernel.clone(),
                 ..ProxyConfig::default()
             };
             let proxy = |name: &str, policy| {
@@ -674,11 +685,13 @@ fn bulk_figures(
         mibps,
         |s| {
             format!(
-                "{:.0} MiB/s (CPU s/GiB client {:.2} origin {:.2} proxy {:.2})",
+                "{:.0} MiB/s (CPU s/GiB client {:.2} origin {:.2} proxy {:.2} outside {:.2} machine {:.2})",
                 mibps(s),
                 s.client_cpu / gib,
                 s.origin_cpu / gib,
-                s.proxy_cpu / gib
+                s.proxy_cpu / gib,
+                s.outside_cpu() / gib,
+                s.machine_cpu / gib
             )
         },
     );

@@ -90,6 +90,7 @@ pub type CpuSnapshot = HashMap<i32, (Role, u64)>;
 pub struct CpuMark {
     threads: CpuSnapshot,
     process: f64,
+    machine: f64,
 }
 
 /// One measured run: wall seconds and CPU seconds spent meanwhile (the
@@ -106,6 +107,17 @@ pub struct Sample {
     pub origin_cpu: f64,
     /// CPU of the proxy's runtime threads.
     pub proxy_cpu: f64,
+    /// CPU of the whole machine (every CPU's busy time, `/proc/stat`):
+    /// also kernel work done outside the process (workqueues, softirqs on
+    /// idle CPUs), e.g. the kernel tunnel's redirects.
+    pub machine_cpu: f64,
+}
+
+impl Sample {
+    /// Machine CPU spent outside this process (kernel workers, other load).
+    pub fn outside_cpu(&self) -> f64 {
+        (self.machine_cpu - self.process_cpu).max(0.0)
+    }
 }
 
 impl Threads {
@@ -143,6 +155,7 @@ impl Threads {
         CpuMark {
             threads: self.snapshot(),
             process: process_cpu(),
+            machine: machine_cpu(),
         }
     }
 
@@ -156,8 +169,33 @@ impl Threads {
             client_cpu: Self::since(&now, &mark.threads, Role::Client),
             origin_cpu: Self::since(&now, &mark.threads, Role::Origin),
             proxy_cpu: Self::since(&now, &mark.threads, Role::Proxy),
+            machine_cpu: machine_cpu() - mark.machine,
         }
     }
+}
+
+/// Busy CPU seconds of the whole machine since boot: user, nice, system,
+/// irq, softirq and steal of the `cpu` line of `/proc/stat` (clock ticks).
+pub fn machine_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .enumerate()
+                // user nice system idle iowait irq softirq steal
+                .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
+                .filter_map(|(_, v)| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks as f64 / hz
 }
 
 /// CPU seconds the whole process has run (every thread, exited ones too).

@@ -135,6 +135,9 @@ pub struct ProxyLimits {
     pub detect_timeout_ms: u64,
     /// A tunnel idle this long (ms) is closed.
     pub idle_timeout_ms: u64,
+    /// How allowed tunnels move bytes: `kernel` (the sockhash redirect
+    /// program; `splice` where it cannot load), `splice`, or `userspace`.
+    pub tunnel: TunnelMode,
     /// A PEM bundle of CAs trusted for upstream certificates of intercepted
     /// connections in addition to the host's roots
     /// (`/etc/ssl/certs/ca-certificates.crt`): private upstreams, tests.
@@ -148,9 +151,22 @@ impl Default for ProxyLimits {
             connect_timeout_ms: 10_000,
             detect_timeout_ms: 10_000,
             idle_timeout_ms: 3_600_000,
+            tunnel: TunnelMode::Kernel,
             upstream_ca_file: None,
         }
     }
+}
+
+/// `[proxy] tunnel`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelMode {
+    /// Kernel redirect between the two sockets (sockhash + stream verdict).
+    Kernel,
+    /// `splice(2)` through a pipe per direction.
+    Splice,
+    /// A user-space buffer per direction.
+    Userspace,
 }
 
 /// One organization.

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod events;
+pub mod kernel_tunnel;
 pub mod model;
 pub mod net;
 pub mod openapi;

@@ -288,6 +288,7 @@ async fn serve(mut cfg: Config) -> anyhow::Result<()> {
         ipv6: true,
         ..Default::default()
     };
+    let proxy_cfg = with_tunnel_mode(proxy_cfg, cfg.proxy.tunnel);
     let dataplane = Arc::new(tollgate::dataplane::Dataplane::new(
         tollgate::dataplane::default_pin_root().to_path_buf(),
         tollgate::dataplane::Shared {
@@ -426,4 +427,30 @@ async fn exec(
     std::io::stdout().write_all(out.as_bytes())?;
     std::io::stderr().write_all(err.as_bytes())?;
     Ok(v.get("exit_code").and_then(|c| c.as_i64()).unwrap_or(1) as i32)
+}
+
+/// Sets how tunnels move bytes; loads the kernel tunnel's program for
+/// `kernel`, and says so when it cannot (tunnels then use `splice(2)`).
+fn with_tunnel_mode(
+    mut proxy_cfg: tollgate_proxy::proxy::ProxyConfig,
+    mode: tollgate::config::TunnelMode,
+) -> tollgate_proxy::proxy::ProxyConfig {
+    use tollgate::config::TunnelMode;
+    use tollgate_proxy::tunnel::CopyMode;
+    proxy_cfg.copy_mode = match mode {
+        TunnelMode::Kernel => match tollgate::kernel_tunnel::EbpfTunnel::load() {
+            Ok(kt) => {
+                tracing::info!("kernel tunnel loaded: allowed tunnels are spliced in the kernel");
+                proxy_cfg.kernel_tunnel = Some(kt);
+                CopyMode::Kernel
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel tunnel unavailable: tunnels relay with splice(2)");
+                CopyMode::Splice
+            }
+        },
+        TunnelMode::Splice => CopyMode::Splice,
+        TunnelMode::Userspace => CopyMode::Userspace,
+    };
+    proxy_cfg
 }

@@ -175,6 +175,36 @@ pub struct RawEvent {
     pub src: [u8; 16],
 }
 
+/// `struct tg_splice_end` (`bpf/splice.bpf.c`): one socket of a kernel
+/// tunnel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceEnd {
+    /// The peer socket's cookie.
+    pub peer: u64,
+    /// Bytes received and redirected to the peer.
+    pub bytes: u64,
+    /// Chunks redirected.
+    pub chunks: u64,
+    /// Bytes left to user space once `passing` is set.
+    pub passed: u64,
+    /// Non-zero: every chunk stays with the socket for user space.
+    pub passing: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+impl SpliceEnd {
+    /// A fresh end whose data goes to `peer`.
+    pub fn to(peer: u64) -> Self {
+        Self {
+            peer,
+            ..Self::default()
+        }
+    }
+}
+
+const _: () = assert!(size_of::<SpliceEnd>() == 40);
 const _: () = assert!(size_of::<NetConfig>() == 56);
 const _: () = assert!(size_of::<Config>() == 8);
 const _: () = assert!(size_of::<Key<LpmV4>>() == 12);

@@ -54,6 +54,7 @@ mod events;
 mod filter;
 mod maps;
 mod policy;
+mod splice;
 mod sys;
 mod verdict;
 
@@ -66,6 +67,9 @@ pub use filter::{
 };
 pub use maps::PolicyMaps;
 pub use policy::{EgressPolicy, FloorSet, Mode, SandboxNet};
+pub use splice::{
+    tcp_bytes, KernelSplice, SpliceCounts, SplicePair, TcpBytes, SPLICE_MAX, SPLICE_OBJECT,
+};
 pub use verdict::{Counters, DropEvent, Reason};
 
 /// Where bpffs is mounted.

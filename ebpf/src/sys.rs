@@ -13,7 +13,7 @@ use std::path::Path;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::abi::{Config, LpmV4, LpmV6, NetConfig, RawEvent};
+use crate::abi::{Config, LpmV4, LpmV6, NetConfig, RawEvent, SpliceEnd};
 use crate::events::EventReader;
 
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte
@@ -28,6 +28,8 @@ unsafe impl aya::Pod for LpmV4 {}
 unsafe impl aya::Pod for LpmV6 {}
 // SAFETY: as above.
 unsafe impl aya::Pod for RawEvent {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SpliceEnd {}
 
 /// `BPF_OBJ_GET` from `enum bpf_cmd`.
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -166,4 +168,78 @@ pub(crate) fn register_async(reader: EventReader) -> io::Result<AsyncFd<EventRea
     // returns it; the `AsyncFd` owns the reader, so the descriptor stays open
     // and the same for the registration's whole lifetime.
     unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// `SO_COOKIE` (asm-generic/socket.h): the socket's 64-bit cookie, the key
+/// the kernel tunnel's maps use.
+const SO_COOKIE: libc::c_int = 57;
+
+/// getsockopt(2) of a plain-old-data value.
+///
+/// # Safety
+/// `T` must be the layout the kernel writes for `level`/`name` (or a prefix
+/// of it: the kernel writes at most `size_of::<T>()` bytes), made only of
+/// integers, so that every bit pattern is valid.
+unsafe fn getsockopt_pod<T: Copy>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    mut value: T,
+) -> io::Result<T> {
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a live, exclusively borrowed `T` of `len` bytes;
+    // the kernel writes at most `len` bytes into it and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut T).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
+}
+
+/// The socket's cookie (`SO_COOKIE`).
+pub(crate) fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: SO_COOKIE writes one u64.
+    unsafe { getsockopt_pod(fd, libc::SOL_SOCKET, SO_COOKIE, 0u64) }
+}
+
+/// `tcpi_bytes_received` and `tcpi_bytes_acked` of a TCP socket
+/// (`TCP_INFO`).
+pub(crate) fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    // SAFETY: an all-zero `tcp_info` (integers only) is a valid value.
+    let zero: libc::tcp_info = unsafe { std::mem::zeroed() };
+    // SAFETY: TCP_INFO writes (a prefix of) `struct tcp_info`, whose libc
+    // mirror is made only of integers.
+    let info = unsafe { getsockopt_pod(fd, libc::IPPROTO_TCP, libc::TCP_INFO, zero) }?;
+    Ok((info.tcpi_bytes_received, info.tcpi_bytes_acked))
+}
+
+/// `setsockopt(SOL_SOCKET, SO_RCVLOWAT, 1)`: besides setting the low-water
+/// mark to its default, TCP runs the socket's data-ready callback when data
+/// is waiting (`tcp_set_rcvlowat`).
+pub(crate) fn kick_rcvlowat(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: SO_RCVLOWAT reads one c_int from a live value of that size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

@@ -52,7 +52,8 @@ use crate::detect::{self, ClientHelloInfo, DetectError, DetectLimits, Detected};
 use crate::intercept::Interception;
 use crate::policy::{CompiledPolicy, Dial, Verdict};
 use crate::respond::{self, RefuseAs};
-use crate::tunnel::{self, CopyMode, RelayEnd, RelayOptions, TunnelError};
+use crate::tunnel::kernel::{KernelOutcome, KernelTunnel};
+use crate::tunnel::{self, CopyMode, RelayEnd, RelayOptions, RelayStats, TunnelError};
 
 mod dial;
 mod error;
@@ -99,6 +100,9 @@ pub struct ProxyConfig {
     pub ipv6: bool,
     /// How tunnels move bytes. Default [`tunnel::DEFAULT_COPY_MODE`].
     pub copy_mode: CopyMode,
+    /// The kernel tunnel, for [`CopyMode::Kernel`] (without it that mode
+    /// relays with `splice(2)`).
+    pub kernel_tunnel: Option<Arc<dyn KernelTunnel>>,
     /// TLS interception for transform domains (this sandbox's CA and the
     /// upstream trust). `None`: a TLS connection to a transform domain is
     /// refused with `interception_unavailable` (fail closed).
@@ -154,6 +158,7 @@ impl Default for ProxyConfig {
             max_header_bytes: 64 * 1024,
             ipv6: false,
             copy_mode: tunnel::DEFAULT_COPY_MODE,
+            kernel_tunnel: None,
             interception: None,
         }
     }
@@ -424,30 +429,77 @@ impl SandboxProxy {
             idle_timeout: self.cfg.idle_timeout,
             mode: self.cfg.copy_mode,
         };
+        let (conn, up) = match (&self.cfg.kernel_tunnel, opts.mode) {
+            (Some(kt), CopyMode::Kernel) => {
+                let cancel = async {
+                    handle.closed().await;
+                };
+                match tunnel::kernel::relay(&**kt, conn, up, &opts, cancel).await {
+                    KernelOutcome::Relayed { down, up, result } => {
+                        let (down_reset, up_reset) =
+                            self.tunnel_ended(dst, dialed.addr, true, result);
+                        for (s, reset) in [(down, down_reset), (up, up_reset)] {
+                            if reset {
+                                respond::reset_std(s);
+                            }
+                        }
+                        return;
+                    }
+                    KernelOutcome::Failed(e) => {
+                        self.tunnel_ended(dst, dialed.addr, true, Err(e));
+                        return;
+                    }
+                    KernelOutcome::NotJoined { down, up, error } => {
+                        tracing::warn!(
+                            sandbox = %self.sandbox_id, %dst, %error,
+                            "kernel tunnel: join failed, relaying with splice(2)"
+                        );
+                        (down, up)
+                    }
+                }
+            }
+            _ => (conn, up),
+        };
         let cancel = async {
             handle.closed().await;
         };
-        match tunnel::relay(&conn, &up, &opts, cancel).await {
+        let result = tunnel::relay(&conn, &up, &opts, cancel).await;
+        let (down_reset, up_reset) = self.tunnel_ended(dst, dialed.addr, false, result);
+        if down_reset {
+            respond::reset(conn);
+        }
+        if up_reset {
+            respond::reset(up);
+        }
+    }
+
+    /// Logs how a tunnel ended; which of (downstream, upstream) to reset: a
+    /// reset is passed on to the other side (a plain close would look like
+    /// a clean end of stream), and a cancelled tunnel resets both.
+    fn tunnel_ended(
+        &self,
+        dst: SocketAddr,
+        upstream: SocketAddr,
+        kernel: bool,
+        result: Result<RelayStats, TunnelError>,
+    ) -> (bool, bool) {
+        match result {
             Ok(stats) => {
                 tracing::debug!(
-                    sandbox = %self.sandbox_id, %dst, upstream = %dialed.addr,
+                    sandbox = %self.sandbox_id, %dst, %upstream, kernel,
                     up = stats.to_upstream, down = stats.to_downstream, end = ?stats.end,
                     "tunnel ended"
                 );
-                if stats.end == RelayEnd::Cancelled {
-                    respond::reset(conn);
-                    respond::reset(up);
-                }
+                let cancelled = stats.end == RelayEnd::Cancelled;
+                (cancelled, cancelled)
             }
-            // Pass a reset on to the other side; a plain close would
-            // look like a clean end of stream.
             Err(TunnelError::Upstream(e)) => {
-                tracing::debug!(sandbox = %self.sandbox_id, %dst, error = %e, "upstream failed");
-                respond::reset(conn);
+                tracing::debug!(sandbox = %self.sandbox_id, %dst, kernel, error = %e, "upstream failed");
+                (true, false)
             }
             Err(TunnelError::Downstream(e)) => {
-                tracing::debug!(sandbox = %self.sandbox_id, %dst, error = %e, "downstream failed");
-                respond::reset(up);
+                tracing::debug!(sandbox = %self.sandbox_id, %dst, kernel, error = %e, "downstream failed");
+                (false, true)
             }
         }
     }

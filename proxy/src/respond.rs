@@ -212,3 +212,14 @@ pub fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
     drop(stream);
 }
+
+/// [`reset`] of a socket that is not on tokio (the kernel tunnel's).
+pub fn reset_std(stream: std::net::TcpStream) {
+    let zero = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // As above: at worst a close.
+    let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &zero);
+    drop(stream);
+}

@@ -44,7 +44,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,6 +55,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+pub mod kernel;
 mod splice;
 
 #[cfg(test)]
@@ -68,6 +69,11 @@ pub enum CopyMode {
     Splice,
     /// Read into and write from a user-space buffer.
     Userspace,
+    /// The kernel tunnel ([`kernel`]): both sockets join a sockhash whose
+    /// program redirects each one's data to the other, where the proxy has
+    /// a [`kernel::KernelTunnel`]; [`CopyMode::Splice`] otherwise (and for
+    /// [`relay`], which borrows its sockets).
+    Kernel,
 }
 
 /// The mode [`RelayOptions::default`] uses: the faster of the two on the
@@ -305,7 +311,7 @@ impl Pump<'_> {
     /// Moves bytes until end-of-stream on `src`, then half-closes `dst`.
     async fn run(&self, mode: CopyMode) -> Result<(), TunnelError> {
         let res = match mode {
-            CopyMode::Splice => match splice::pump(self).await {
+            CopyMode::Splice | CopyMode::Kernel => match splice::pump(self).await {
                 Ok(splice::Spliced::Done) => Ok(()),
                 Ok(splice::Spliced::Unsupported) => self.copy().await,
                 Err(e) => Err(e),
@@ -366,6 +372,11 @@ fn retry(e: &io::Error) -> bool {
 /// `shutdown(SHUT_WR)`: the peer reads end-of-stream once everything sent so
 /// far is delivered. A socket the peer already reset is not an error here.
 pub(crate) fn shutdown_write(s: &TcpStream) -> io::Result<()> {
+    shutdown_write_fd(s.as_fd())
+}
+
+/// [`shutdown_write`] of a descriptor.
+pub(crate) fn shutdown_write_fd(s: BorrowedFd<'_>) -> io::Result<()> {
     match nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Write) {
         Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
         Err(e) => Err(e.into()),

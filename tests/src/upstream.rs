@@ -117,6 +117,8 @@ pub struct OriginLog {
     pub connections: AtomicUsize,
     /// Request heads received (first line + headers).
     pub requests: Mutex<Vec<String>>,
+    /// `/big` answers cut short because the connection failed under them.
+    pub aborted: AtomicUsize,
 }
 
 /// A TLS origin for one name, on `addr` ports 443 and 8443.
@@ -197,6 +199,7 @@ impl TlsOrigin {
                                         *c = big_byte(i + k);
                                     }
                                     if tls.write_all(&chunk).await.is_err() {
+                                        log.aborted.fetch_add(1, Ordering::SeqCst);
                                         return;
                                     }
                                     i += chunk.len();

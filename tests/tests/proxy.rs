@@ -404,24 +404,22 @@ fn dns_never_forwards_non_allowed_names_and_rebinding_never_dials_private() {
     assert_eq!(w.dns.queries().len(), before);
 }
 
-#[test]
-fn tightening_the_policy_closes_an_open_tunnel_within_a_second() {
-    let _g = serial();
-    let mut w = World::new(
-        "revoke",
-        "10.214.96.0/20",
-        &[("allowed.test", "198.51.100.20")],
-        &[],
-    );
-    let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test"]}));
-    let ns = format!("tollgate-{id}");
+/// A client in the sandbox `ns` that asks allowed.test for `/big`, reads a
+/// little, signals on the first channel, stalls (buffers fill, the tunnel
+/// stays open) until told to go on the second, then reads as fast as it can
+/// until the connection ends: (when it ended, bytes read).
+#[allow(clippy::type_complexity)]
+fn stalled_big_reader(
+    ns: String,
+    ca: String,
+) -> (
+    std::thread::JoinHandle<(Instant, usize)>,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
     let (open_tx, open_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let ca = w.ca.pem.clone();
     let reader = std::thread::spawn(move || {
-        // Reads a little of the 64 MiB body, stalls (buffers fill, the tunnel
-        // stays open), then, once the policy changed, reads as fast as it can
-        // until the connection ends.
         tollgate_tests::lab::in_netns(&ns, move || {
             use rustls::pki_types::pem::PemObject;
             use std::io::{Read, Write};
@@ -459,6 +457,94 @@ fn tightening_the_policy_closes_an_open_tunnel_within_a_second() {
             }
         })
     });
+    (reader, open_rx, go_tx)
+}
+
+#[test]
+fn a_killed_daemon_closes_its_kernel_spliced_tunnels_and_enforcement_stays() {
+    let _g = serial();
+    let mut w = World::new(
+        "killsplice",
+        "10.214.128.0/20",
+        &[
+            ("allowed.test", "198.51.100.20"),
+            ("denied.test", "198.51.100.21"),
+        ],
+        &[],
+    );
+    assert!(
+        w.d.log().contains("kernel tunnel loaded"),
+        "the daemon runs without the kernel tunnel: {}",
+        w.d.log()
+    );
+    let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test"]}));
+    let ns = format!("tollgate-{id}");
+    let (reader, open_rx, go_tx) = stalled_big_reader(ns.clone(), w.ca.pem.clone());
+    open_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("tunnel open");
+    std::thread::sleep(Duration::from_millis(300));
+    let World {
+        d, origins, dns, ..
+    } = w;
+    let lab = d.lab.clone();
+    let t0 = Instant::now();
+    let stopped = d.kill_keep_state();
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = go_tx.send(());
+    let (closed_at, total) = reader.join().expect("reader");
+    assert!(total < BIG, "the whole body arrived after the kill");
+    let took = closed_at.saturating_duration_since(t0);
+    assert!(
+        took < Duration::from_secs(2),
+        "the sandbox's connection still open {took:?} after the kill"
+    );
+    // The origin's side was closed too: its /big answer failed.
+    let origin = &origins["allowed.test"];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while origin.log.aborted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the origin's connection outlived the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // With the daemon dead, the filter still enforces: nothing reaches a
+    // denied address, by TCP or UDP.
+    lab.canary.clear();
+    let probe = tollgate_tests::lab::in_netns(&ns, || {
+        let tcp = std::net::TcpStream::connect_timeout(
+            &"198.51.100.21:443".parse().expect("addr"),
+            Duration::from_secs(2),
+        );
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|u| u.send_to(b"probe", "198.51.100.21:9"));
+        (tcp.is_ok(), udp.is_ok())
+    });
+    assert!(!probe.0, "a TCP connection to a denied address succeeded");
+    assert!(probe.1, "the UDP probe was not sent");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.canary.to(ip("198.51.100.21")).is_empty(),
+        "packets reached a denied address after the kill: {:?}",
+        lab.canary.seen()
+    );
+    drop((origins, dns));
+    // The next daemon adopts the sandbox and cleans up (Stopped's drop).
+    drop(stopped);
+}
+
+#[test]
+fn tightening_the_policy_closes_an_open_tunnel_within_a_second() {
+    let _g = serial();
+    let mut w = World::new(
+        "revoke",
+        "10.214.96.0/20",
+        &[("allowed.test", "198.51.100.20")],
+        &[],
+    );
+    let id = w.sandbox(json!({"mode": "custom", "allow_domains": ["allowed.test"]}));
+    let (reader, open_rx, go_tx) = stalled_big_reader(format!("tollgate-{id}"), w.ca.pem.clone());
     open_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("tunnel open");
