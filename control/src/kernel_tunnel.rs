@@ -78,7 +78,7 @@ impl KernelTunnel for EbpfTunnel {
         let b = tollgate_ebpf::tcp_bytes(fd)?;
         Ok(TcpProgress {
             received: b.received,
-            acked: b.acked,
+            written: b.acked + b.queued,
         })
     }
 }

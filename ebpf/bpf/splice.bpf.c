@@ -16,8 +16,8 @@
  * proxy reads for its stats, its idle timeout and its half-close: once a
  * socket has read end-of-stream, the proxy waits until the program has
  * handed over every byte it received (tcpi_bytes_received) and the peer
- * socket has had them acknowledged (tcpi_bytes_acked), then passes the FIN
- * on with shutdown(SHUT_WR).
+ * socket holds them (tcpi_bytes_acked + SIOCOUTQ), then passes the FIN on
+ * with shutdown(SHUT_WR).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>

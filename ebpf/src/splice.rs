@@ -82,6 +82,9 @@ pub struct TcpBytes {
     pub received: u64,
     /// `tcpi_bytes_acked`: payload bytes sent and acknowledged by the peer.
     pub acked: u64,
+    /// `SIOCOUTQ`, read after `acked`: bytes in the send queue not yet
+    /// acknowledged. `acked + queued` never exceeds what was written.
+    pub queued: u64,
 }
 
 struct Maps {
@@ -220,7 +223,9 @@ impl KernelSplice {
             let _ = maps.socks.remove(&key);
         }
         let counts = read_counts(&maps, pair).unwrap_or_default();
-        remove(&mut maps, pair);
+        for key in [pair.down, pair.up] {
+            let _ = maps.ends.remove(&key);
+        }
         maps.live.remove(&pair);
         Ok(counts)
     }
@@ -245,8 +250,12 @@ impl KernelSplice {
 
 /// `TCP_INFO` byte progress of a TCP socket.
 pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
-    let (received, acked) = sys::tcp_bytes(fd)?;
-    Ok(TcpBytes { received, acked })
+    let (received, acked, queued) = sys::tcp_bytes(fd)?;
+    Ok(TcpBytes {
+        received,
+        acked,
+        queued,
+    })
 }
 
 fn read_counts(maps: &Maps, pair: SplicePair) -> Result<SpliceCounts, EbpfError> {

@@ -212,14 +212,32 @@ pub(crate) fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 }
 
 /// `tcpi_bytes_received` and `tcpi_bytes_acked` of a TCP socket
-/// (`TCP_INFO`).
-pub(crate) fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+/// (`TCP_INFO`), then the bytes in its send queue, not yet acknowledged
+/// (`SIOCOUTQ`), read in that order.
+pub(crate) fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64, u64)> {
     // SAFETY: an all-zero `tcp_info` (integers only) is a valid value.
     let zero: libc::tcp_info = unsafe { std::mem::zeroed() };
     // SAFETY: TCP_INFO writes (a prefix of) `struct tcp_info`, whose libc
     // mirror is made only of integers.
     let info = unsafe { getsockopt_pod(fd, libc::IPPROTO_TCP, libc::TCP_INFO, zero) }?;
-    Ok((info.tcpi_bytes_received, info.tcpi_bytes_acked))
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int through the pointer, a
+    // live, exclusively borrowed value.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TIOCOUTQ,
+            &mut outq as *mut libc::c_int,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        info.tcpi_bytes_received,
+        info.tcpi_bytes_acked,
+        u64::try_from(outq).unwrap_or(0),
+    ))
 }
 
 /// `setsockopt(SOL_SOCKET, SO_RCVLOWAT, 1)`: besides setting the low-water

@@ -9,8 +9,14 @@
 //! (policy revocation, shutdown), or on the first I/O error, which says which
 //! side failed.
 //!
-//! Two ways to move bytes ([`CopyMode`]):
+//! Three ways to move bytes ([`CopyMode`]):
 //!
+//! * [`CopyMode::Kernel`] (the daemon's default): both sockets join the
+//!   kernel tunnel's sockhash and a stream-verdict program redirects each
+//!   one's data to the other ([`kernel`]); the proxy only watches for
+//!   end-of-stream, errors, idleness and revocation. It needs the sockets
+//!   by value and a [`kernel::KernelTunnel`], so the proxy runs it itself
+//!   (`SandboxProxy`); [`relay`] treats it as [`CopyMode::Splice`].
 //! * [`CopyMode::Splice`]: `splice(2)` socket → pipe → socket, one pipe per
 //!   direction, driven by tokio readiness (`readable()` / `writable()` +
 //!   `try_io`), so the payload never enters user space. If the kernel
@@ -36,7 +42,8 @@
 //! spend 0.37–0.42 (splice) vs 0.66–0.76 (copy) CPU-s/GiB on the netns
 //! path; with splice the receiving client then spends more per GiB
 //! (0.7–0.8 vs 0.5 CPU-s/GiB), which evens the total. Splice is the
-//! default: it leaves the proxy's cores to other sandboxes.
+//! default where there is no kernel tunnel: it leaves the proxy's cores to
+//! other sandboxes (the kernel tunnel's figures: the README's bench section).
 //!
 //! Each tunnel in splice mode holds two pipes (four descriptors) besides its
 //! two sockets; each pipe asks for 256 KiB (`PIPE_SIZE` in `tunnel/splice.rs`), and

@@ -53,13 +53,14 @@ pub struct KernelCounts {
     pub up_passing: bool,
 }
 
-/// `TCP_INFO` progress of one socket.
+/// Byte progress of one TCP socket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpProgress {
-    /// `tcpi_bytes_received`.
+    /// `tcpi_bytes_received`: received in order (a FIN counts one).
     pub received: u64,
-    /// `tcpi_bytes_acked`.
-    pub acked: u64,
+    /// Written into the socket so far, at least: `tcpi_bytes_acked` plus,
+    /// read after it, the send queue (`SIOCOUTQ`).
+    pub written: u64,
 }
 
 /// The kernel side of the kernel tunnel (one per process).
@@ -292,8 +293,12 @@ async fn run<C: Future<Output = ()>>(
                     .map_err(|e| side_err(1 - side, e))?;
                 // The FIN counts one in `tcpi_bytes_received`.
                 let handed_over = src.received.saturating_sub(1) <= redirected + d.copied_in;
-                let delivered = dst.acked >= redirected + d.copied_out;
-                if handed_over && delivered {
+                // In the destination's send queue: a FIN queued now
+                // follows them. (Waiting for their acknowledgement instead
+                // would hold the FIN for the peer's delayed ACK, and a
+                // client that saw TLS close_notify would close first.)
+                let queued = dst.written >= redirected + d.copied_out;
+                if handed_over && queued {
                     super::shutdown_write_fd(socks[1 - side].as_fd())
                         .map_err(|e| side_err(1 - side, e))?;
                     dirs[side].fin_sent = true;
