@@ -147,9 +147,13 @@ impl AsRawFd for Watch {
 /// to a work item that sends it on the peer socket; when that socket's send
 /// buffer is full the work item retries a scheduler tick later (4 ms at
 /// HZ=250), so a send buffer that rarely fills is what keeps the tunnel
-/// moving. 4 MiB (the kernel doubles it) is `tcp_wmem`'s default maximum;
-/// the `tunnel` bench measured the kernel tunnel's TLS bulk at 0.79–0.83×
-/// direct with it against 0.62–0.76× with autotuning (loopback, 256 MiB).
+/// moving. 4 MiB (the kernel doubles it) is `tcp_wmem`'s default maximum.
+/// Quick `tunnel` bench runs (256 MiB, 3 × 3 rounds against the bare relay
+/// of the same rounds) put it ahead of autotuning on the netns path
+/// (0.86–1.17× vs 0.83–0.87× the bare relay) and even on loopback. The
+/// price: a direction whose destination reads slowly can hold up to 8 MiB
+/// in that socket's send queue (autotuning: up to 4 MiB), within the
+/// kernel's global `tcp_mem` limits like every socket buffer.
 const SEND_BUFFER: usize = 4 << 20;
 
 /// [`SEND_BUFFER`]: forced past `net.core.wmem_max` where the proxy may
