@@ -23,9 +23,23 @@ impl EbpfTunnel {
         }))
     }
 
+    /// [`EbpfTunnel::load`] whose upstream → downstream direction is always
+    /// copied in user space ([`KernelSplice::load_copying_upstream`]): tests.
+    pub fn load_copying_upstream() -> Result<Arc<Self>, EbpfError> {
+        Ok(Arc::new(Self {
+            splice: KernelSplice::load_copying_upstream()?,
+        }))
+    }
+
     /// Pairs joined now.
     pub fn joined(&self) -> usize {
         self.splice.len()
+    }
+
+    /// Bytes the program left to user space (passing ends) over every pair
+    /// parted so far.
+    pub fn passed_total(&self) -> u64 {
+        self.splice.passed_total()
     }
 
     /// Entries in the kernel maps (sockets, ends).

@@ -24,6 +24,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData, SockHash};
@@ -73,6 +74,9 @@ pub struct SpliceCounts {
     pub up_passing: bool,
     /// Chunks (verdicts) redirected, both directions.
     pub chunks: u64,
+    /// Bytes the program left to user space (passing ends), both
+    /// directions.
+    pub passed: u64,
 }
 
 /// Send and acknowledgement progress of a TCP socket (`TCP_INFO`).
@@ -97,6 +101,10 @@ struct Maps {
 /// The loaded kernel-tunnel program and its maps.
 pub struct KernelSplice {
     maps: Mutex<Maps>,
+    /// Every upstream end joins passing ([`KernelSplice::load_copying_upstream`]).
+    upstream_passing: bool,
+    /// Bytes left to user space by pairs parted so far.
+    passed: AtomicU64,
     /// Keeps the program loaded and attached to the sockhash.
     _ebpf: Ebpf,
 }
@@ -125,6 +133,19 @@ impl KernelSplice {
     /// its stream verdict. Fails where the kernel has no sockmap support or
     /// the caller lacks `CAP_BPF` / `CAP_NET_ADMIN`.
     pub fn load() -> Result<Self, EbpfError> {
+        Self::load_with(false)
+    }
+
+    /// [`KernelSplice::load`] where every upstream end joins *passing*: the
+    /// program leaves the upstream's data to user space and the caller
+    /// copies that direction, as it does when a chunk comes before the
+    /// downstream has joined. For tests of that path, which a race makes
+    /// rare otherwise.
+    pub fn load_copying_upstream() -> Result<Self, EbpfError> {
+        Self::load_with(true)
+    }
+
+    fn load_with(upstream_passing: bool) -> Result<Self, EbpfError> {
         let mut ebpf = EbpfLoader::new().load(SPLICE_OBJECT)?;
         let socks: SockHash<MapData, u64> =
             SockHash::try_from(ebpf.take_map(SOCKS).ok_or_else(|| EbpfError::Missing {
@@ -156,6 +177,8 @@ impl KernelSplice {
                 ends,
                 live: HashSet::new(),
             }),
+            upstream_passing,
+            passed: AtomicU64::new(0),
             _ebpf: ebpf,
         })
     }
@@ -184,8 +207,10 @@ impl KernelSplice {
             maps.ends
                 .insert(pair.down, SpliceEnd::to(pair.up), 0)
                 .map_err(map_err(ENDS))?;
+            let mut up_end = SpliceEnd::to(pair.down);
+            up_end.passing = u32::from(self.upstream_passing);
             maps.ends
-                .insert(pair.up, SpliceEnd::to(pair.down), 0)
+                .insert(pair.up, up_end, 0)
                 .map_err(map_err(ENDS))?;
             maps.socks
                 .insert(pair.up, up.as_raw_fd(), 0)
@@ -203,7 +228,10 @@ impl KernelSplice {
         drop(maps);
         // Data that arrived before the join: hand it to the program now.
         for fd in [up, down] {
-            sys::kick_rcvlowat(fd).map_err(io_err("SO_RCVLOWAT (kick)"))?;
+            if let Err(e) = sys::kick_rcvlowat(fd) {
+                let _ = self.part(pair);
+                return Err(io_err("SO_RCVLOWAT (kick)")(e));
+            }
         }
         Ok(pair)
     }
@@ -226,8 +254,15 @@ impl KernelSplice {
         for key in [pair.down, pair.up] {
             let _ = maps.ends.remove(&key);
         }
-        maps.live.remove(&pair);
+        if maps.live.remove(&pair) {
+            self.passed.fetch_add(counts.passed, Ordering::Relaxed);
+        }
         Ok(counts)
+    }
+
+    /// Bytes the program left to user space, over every pair parted so far.
+    pub fn passed_total(&self) -> u64 {
+        self.passed.load(Ordering::Relaxed)
     }
 
     /// Pairs joined and not parted.
@@ -267,6 +302,7 @@ fn read_counts(maps: &Maps, pair: SplicePair) -> Result<SpliceCounts, EbpfError>
         down_passing: down.passing != 0,
         up_passing: up.passing != 0,
         chunks: down.chunks + up.chunks,
+        passed: down.passed + up.passed,
     })
 }
 

@@ -113,9 +113,18 @@ async fn drain(s: &mut (impl AsyncReadExt + Unpin)) -> io::Result<(u64, [u8; 32]
 /// A proxy in kernel mode whose every connection has original destination
 /// `origin`; returns its address.
 async fn proxy_to(origin: SocketAddr, p: Arc<CompiledPolicy>) -> (SocketAddr, Arc<SandboxProxy>) {
+    proxy_with(kernel(), origin, p).await
+}
+
+/// [`proxy_to`] on the kernel tunnel `kt`.
+async fn proxy_with(
+    kt: Arc<EbpfTunnel>,
+    origin: SocketAddr,
+    p: Arc<CompiledPolicy>,
+) -> (SocketAddr, Arc<SandboxProxy>) {
     let cfg = ProxyConfig {
         copy_mode: CopyMode::Kernel,
-        kernel_tunnel: Some(kernel()),
+        kernel_tunnel: Some(kt),
         ..ProxyConfig::default()
     };
     let proxy = SandboxProxy::new(
@@ -172,6 +181,7 @@ fn a_gib_crosses_the_kernel_tunnel_intact_in_both_directions_at_once() {
     let _g = serial();
     let kt = kernel();
     let fallbacks = kernel_fallbacks();
+    let passed = kt.passed_total();
     rt().block_on(async {
         let origin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let origin_addr = origin.local_addr().unwrap();
@@ -226,6 +236,7 @@ fn a_gib_crosses_the_kernel_tunnel_intact_in_both_directions_at_once() {
             "the pair was never in the kernel"
         );
         assert_no_entries(&kt).await;
+        assert_eq!(kt.passed_total(), passed, "bytes left to user space");
     });
     assert_eq!(
         kernel_fallbacks(),
@@ -418,4 +429,60 @@ fn a_thousand_kernel_tunnels_open_and_close_and_leave_no_entry() {
         fallbacks,
         "a tunnel fell back to splice"
     );
+}
+
+#[test]
+fn a_direction_left_to_user_space_is_copied_in_order_and_half_closed() {
+    let _g = serial();
+    require_root();
+    // Every upstream end joins passing: origin → client is copied by the
+    // proxy, client → origin is redirected by the program.
+    let kt = EbpfTunnel::load_copying_upstream().expect("load the kernel tunnel's program");
+    rt().block_on(async {
+        let origin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let o = origin.local_addr().unwrap();
+        let (down_len, up_len) = (64 * CHUNK as u64, 8 * CHUNK as u64);
+        let server = tokio::spawn(async move {
+            let (s, _) = origin.accept().await?;
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                send(&mut w, &Pattern::new(11), down_len).await?;
+                w.shutdown().await
+            });
+            let got = drain(&mut r).await?;
+            writer.await.map_err(io::Error::other)??;
+            Ok::<_, io::Error>(got)
+        });
+        let (addr, _p) = proxy_with(Arc::clone(&kt), o, allow_all()).await;
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            send(&mut w, &Pattern::new(12), up_len).await?;
+            w.shutdown().await
+        });
+        let (down, up) = tokio::time::timeout(BOUND, async {
+            let down = drain(&mut r).await.expect("client read");
+            writer.await.unwrap().expect("client write");
+            (down, server.await.unwrap().expect("origin"))
+        })
+        .await
+        .expect("both directions within the bound");
+        assert_eq!(
+            down,
+            (down_len, Pattern::new(11).sha256(down_len)),
+            "copied direction"
+        );
+        assert_eq!(
+            up,
+            (up_len, Pattern::new(12).sha256(up_len)),
+            "redirected direction"
+        );
+        assert_no_entries(&kt).await;
+        // Exactly the origin's bytes went through user space.
+        assert_eq!(
+            kt.passed_total(),
+            down_len,
+            "bytes the program left to user space"
+        );
+    });
 }
