@@ -265,6 +265,10 @@ async fn run<C: Future<Output = ()>>(
         for (side, passing) in [(DOWN, counts.down_passing), (UP, counts.up_passing)] {
             if passing && !dirs[side].copying {
                 dirs[side].copying = true;
+                // Its end of stream is now the read that returns 0, after
+                // the bytes it holds (an EPOLLRDHUP seen before may have
+                // come ahead of them).
+                dirs[side].eof = false;
                 let interest = base | EpollFlags::EPOLLIN;
                 watch
                     .get_ref()
