@@ -342,7 +342,7 @@ impl Topology {
 // === impl Relay ===
 
 impl Relay {
-    /// What production uses ([`ProxyConfig::default`]).
+    /// What the daemon uses by default (`[proxy] tunnel = "kernel"`).
     fn default_mode() -> Self {
         Self::Kernel
     }

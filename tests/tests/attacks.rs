@@ -254,6 +254,22 @@ fn setup() -> World {
     w
 }
 
+/// The sandbox `id` asks api.test for `path`, an answer that reflects the
+/// request: passes when the answer was 200, the secret
+/// (raw or base64) never reached the sandbox, and it was injected upstream.
+fn reflected_secret(w: &mut World, id: &str, path: &str) -> (bool, String) {
+    let o = w.py(id, &format!("get api.test {path}"));
+    let injected = w
+        .origin("api.test")
+        .requests()
+        .last()
+        .is_some_and(|r| r.header("authorization") == Some(SECRET));
+    (
+        o.contains("statuses:200") && o.contains("leaked:False") && injected,
+        format!("{o}; injected upstream {injected}"),
+    )
+}
+
 fn check(
     rows: &mut Vec<Row>,
     w: &mut World,
@@ -995,18 +1011,7 @@ fn attack_suite() {
         "reflected-secret-scrubbed",
         "credentials",
         "the sandbox never sees the secret (raw or base64)",
-        |w| {
-            let o = w.py(&custom, "get api.test /echo");
-            let injected = w
-                .origin("api.test")
-                .requests()
-                .last()
-                .is_some_and(|r| r.header("authorization") == Some(SECRET));
-            (
-                o.contains("statuses:200") && o.contains("leaked:False") && injected,
-                format!("{o}; injected upstream {injected}"),
-            )
-        },
+        |w| reflected_secret(w, &custom, "/echo"),
     );
     check(
         &mut rows,
@@ -1014,18 +1019,7 @@ fn attack_suite() {
         "reflected-secret-split-across-chunks",
         "credentials",
         "the sandbox never sees the secret the origin sends back in two chunks",
-        |w| {
-            let o = w.py(&custom, "get api.test /echo-split");
-            let injected = w
-                .origin("api.test")
-                .requests()
-                .last()
-                .is_some_and(|r| r.header("authorization") == Some(SECRET));
-            (
-                o.contains("statuses:200") && o.contains("leaked:False") && injected,
-                format!("{o}; injected upstream {injected}"),
-            )
-        },
+        |w| reflected_secret(w, &custom, "/echo-split"),
     );
     check(
         &mut rows,

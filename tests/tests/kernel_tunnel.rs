@@ -147,6 +147,13 @@ async fn proxy_with(
     (addr, proxy)
 }
 
+/// A listener on a free loopback port (an origin) and its address.
+async fn listen() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
 fn allow_all() -> Arc<CompiledPolicy> {
     policy(serde_json::json!({"mode": "allow-all"}))
 }
@@ -183,8 +190,7 @@ fn a_gib_crosses_the_kernel_tunnel_intact_in_both_directions_at_once() {
     let fallbacks = kernel_fallbacks();
     let passed = kt.passed_total();
     rt().block_on(async {
-        let origin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let origin_addr = origin.local_addr().unwrap();
+        let (origin, origin_addr) = listen().await;
         let (up_pat, down_pat) = (Pattern::new(1), Pattern::new(2));
         let (want_up, want_down) = (up_pat.sha256(GIB), down_pat.sha256(GIB));
         // The origin hashes what it receives and sends its own GiB.
@@ -252,8 +258,7 @@ fn half_close_passes_through_the_kernel_tunnel_in_each_direction() {
     rt().block_on(async {
         // Client first: the client sends and half-closes; the origin reads
         // to end of stream, only then answers, and closes.
-        let origin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let o = origin.local_addr().unwrap();
+        let (origin, o) = listen().await;
         let server = tokio::spawn(async move {
             let (mut s, _) = origin.accept().await?;
             let (n, sha) = drain(&mut s).await?;
@@ -291,8 +296,7 @@ fn half_close_passes_through_the_kernel_tunnel_in_each_direction() {
         // Server first: the origin sends a banner at once and half-closes
         // (bytes that wait in the upstream socket before the join); the
         // client reads it to end of stream, then still sends and closes.
-        let origin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let o = origin.local_addr().unwrap();
+        let (origin, o) = listen().await;
         let server = tokio::spawn(async move {
             let (mut s, _) = origin.accept().await?;
             s.write_all(b"banner: hello\r\n").await?;
@@ -325,8 +329,7 @@ fn tightening_the_policy_closes_a_kernel_tunnel_within_a_second() {
     let _g = serial();
     let kt = kernel();
     rt().block_on(async {
-        let origin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let o = origin.local_addr().unwrap();
+        let (origin, o) = listen().await;
         // The origin echoes until its connection ends; reports when.
         let server = tokio::spawn(async move {
             let (mut s, _) = origin.accept().await?;
@@ -383,8 +386,7 @@ fn a_thousand_kernel_tunnels_open_and_close_and_leave_no_entry() {
     let kt = kernel();
     let fallbacks = kernel_fallbacks();
     rt().block_on(async {
-        let origin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let o = origin.local_addr().unwrap();
+        let (origin, o) = listen().await;
         tokio::spawn(async move {
             while let Ok((mut s, _)) = origin.accept().await {
                 tokio::spawn(async move {
@@ -439,8 +441,7 @@ fn a_direction_left_to_user_space_is_copied_in_order_and_half_closed() {
     // proxy, client → origin is redirected by the program.
     let kt = EbpfTunnel::load_copying_upstream().expect("load the kernel tunnel's program");
     rt().block_on(async {
-        let origin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let o = origin.local_addr().unwrap();
+        let (origin, o) = listen().await;
         let (down_len, up_len) = (64 * CHUNK as u64, 8 * CHUNK as u64);
         let server = tokio::spawn(async move {
             let (s, _) = origin.accept().await?;
