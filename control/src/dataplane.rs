@@ -611,6 +611,17 @@ fn drop_event(id: &str, ev: &DropEvent) -> NetEvent {
     }
 }
 
+/// The eBPF instance name of the daemon whose state dir is `state_dir`:
+/// `d` and the first 16 hex digits of the SHA-256 of its absolute path
+/// (stable across restarts, distinct per state dir).
+pub fn ebpf_instance(state_dir: &Path) -> String {
+    use sha2::Digest;
+    let path = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("d{hex}")
+}
+
 /// Pin root used by the daemon.
 pub fn default_pin_root() -> &'static Path {
     Path::new(tollgate_ebpf::PIN_ROOT)

@@ -198,6 +198,11 @@ async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     // own, so a later daemon can tell its leftovers from another's sandboxes.
     let _state_lock = tollgate::reclaim::lock_state_dir(&cfg.state_dir)
         .with_context(|| format!("cannot lock state dir {}", cfg.state_dir.display()))?;
+    // The shared eBPF program and maps are this daemon's: named after its
+    // state dir, so a restart reopens them and another daemon on the host
+    // has its own.
+    tollgate_ebpf::set_instance(&tollgate::dataplane::ebpf_instance(&cfg.state_dir))
+        .context("naming the eBPF instance")?;
     let owner = std::fs::canonicalize(&cfg.state_dir)?;
     tollgate::net::set_owner(PathBuf::from(RUN_DIR).join("owners"), owner)?;
     let mut keys = HashMap::new();

@@ -20,9 +20,18 @@
  *   9. UDP / echo: allow-all forwards public destinations except UDP 443
  *      (QUIC); custom drops.
  *
- * Every verdict counts in tg_counters; every drop also emits a tg_event.
- * Policy lives in two generations (see tollgate.h and src/maps.rs): a packet
- * reads tg_active once and judges with that generation only.
+ * One loaded and verified copy of this program serves every sandbox under a
+ * pin root. Each sandbox's cls_bpf filter carries its slot in the filter's
+ * classid (TG_CLASSID), which cls_bpf hands to the program as
+ * skb->tc_classid before it runs; every map the program reads is indexed by
+ * that slot. A packet whose classid names no live slot (or a slot that is not
+ * this link's, or an earlier owner of the slot) is dropped as
+ * TG_DROP_NO_CONFIG and counted in tg_unclaimed.
+ *
+ * Every verdict counts in the slot's tg_counters; every drop also emits a
+ * tg_event. Policy lives in two generations per slot (see tollgate.h and
+ * src/maps.rs): a packet reads its slot's tg_active once and judges with that
+ * generation only.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -40,24 +49,33 @@ char LICENSE[] SEC("license") = "Apache-2.0";
 
 /* ---- maps (tg_net and tg_listeners: shared_maps.h) ------------------------ */
 
-/* tg_active[0]: the generation (0 or 1) that packets are judged with. */
+/* Never read by the program: the slots' owners (struct tg_owner). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, TG_SLOTS);
+	__type(key, __u32);
+	__type(value, struct tg_owner);
+} tg_owner SEC(".maps");
+
+/* tg_active[slot]: the generation (0 or 1) that the slot's packets are
+ * judged with. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, TG_SLOTS);
 	__type(key, __u32);
 	__type(value, __u32);
 } tg_active SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, TG_GENERATIONS);
+	__uint(max_entries, TG_SLOTS * TG_GENERATIONS);
 	__type(key, __u32);
 	__type(value, struct tg_config);
 } tg_config SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, TG_GENERATIONS * TG_FLOOR_MAX);
+	__uint(max_entries, TG_FLOOR_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tg_lpm_v4);
 	__type(value, __u32);
@@ -65,7 +83,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, TG_GENERATIONS * TG_FLOOR_MAX);
+	__uint(max_entries, TG_FLOOR_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tg_lpm_v6);
 	__type(value, __u32);
@@ -73,7 +91,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, TG_GENERATIONS * TG_ALLOW_MAX);
+	__uint(max_entries, TG_ALLOW_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tg_lpm_v4);
 	__type(value, __u32);
@@ -81,18 +99,28 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, TG_GENERATIONS * TG_ALLOW_MAX);
+	__uint(max_entries, TG_ALLOW_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tg_lpm_v6);
 	__type(value, __u32);
 } tg_allow_v6 SEC(".maps");
 
+/* Per slot, TG_COUNTERS counters (atomic adds: a slot's counters share no
+ * cache line with another slot's but two CPUs of one sandbox do). */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, TG_COUNTERS);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TG_SLOTS * TG_COUNTERS);
 	__type(key, __u32);
 	__type(value, __u64);
 } tg_counters SEC(".maps");
+
+/* tg_unclaimed[0]: packets that no slot claimed (dropped). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} tg_unclaimed SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -135,6 +163,8 @@ struct {
 #define QUIC_PORT 443
 
 struct tg_pkt {
+	__u32 slot; /* TG_SLOTS until a slot claims the packet */
+	__u64 cookie; /* the slot owner's router namespace */
 	__u16 ethertype;
 	__u8 family; /* 4, 6, or 0 before L3 is known */
 	__u8 proto;
@@ -179,22 +209,37 @@ static __always_inline int addr6_is_ll_multicast(const __u8 *a)
 	return a[0] == 0xff && (a[1] & 0x0f) == 0x02;
 }
 
-static __always_inline void count(__u32 slot)
+/* Counter `what` of the packet's slot. */
+static __always_inline void count(const struct tg_pkt *p, __u32 what)
 {
-	__u64 *n = bpf_map_lookup_elem(&tg_counters, &slot);
+	__u32 key = p->slot * TG_COUNTERS + what;
+	__u64 *n;
 
+	if (p->slot >= TG_SLOTS) {
+		key = 0;
+		n = bpf_map_lookup_elem(&tg_unclaimed, &key);
+		if (n)
+			*n += 1;
+		return;
+	}
+	n = bpf_map_lookup_elem(&tg_counters, &key);
 	if (n)
-		*n += 1;
+		__sync_fetch_and_add(n, 1);
 }
 
 static __always_inline void emit_event(const struct tg_pkt *p, __u32 reason)
 {
-	struct tg_event *e = bpf_ringbuf_reserve(&tg_events, sizeof(*e), 0);
+	struct tg_event *e;
 
+	if (p->slot >= TG_SLOTS)
+		return;
+	e = bpf_ringbuf_reserve(&tg_events, sizeof(*e), 0);
 	if (!e) {
-		count(TG_COUNTER_EVENTS_LOST);
+		count(p, TG_COUNTER_EVENTS_LOST);
 		return;
 	}
+	e->netns_cookie = p->cookie;
+	e->slot = p->slot;
 	e->reason = reason;
 	e->ethertype = p->ethertype;
 	e->family = p->family;
@@ -211,12 +256,13 @@ static __always_inline void set_mark(struct __sk_buff *skb, __u32 bits)
 	skb->mark = (skb->mark & ~TG_MARK_MASK) | bits;
 }
 
-/* Floor class of an IPv4 address in generation `gen` (0 when unlisted). */
-static __always_inline __u32 floor_class_v4(const __u8 *addr, __u32 gen)
+/* Floor class of an IPv4 address under `tag` (slot and generation; 0 when
+ * unlisted). */
+static __always_inline __u32 floor_class_v4(const __u8 *addr, __u32 tag)
 {
 	struct tg_lpm_v4 key = {
 		.prefixlen = TG_GEN_BITS + 32,
-		.gen = gen,
+		.tag = tag,
 	};
 	__u32 *class;
 
@@ -243,11 +289,11 @@ static __always_inline __u32 stricter(__u32 a, __u32 b)
  *   the local-use 64:ff9b:1::/48), 2002:aabb:ccdd:: (6to4, bits 16..48),
  *   2001:0::/32 Teredo (client = last 32 bits XOR 0xffffffff).
  */
-static __always_inline __u32 floor_class_v6(const __u8 *a, __u32 gen)
+static __always_inline __u32 floor_class_v6(const __u8 *a, __u32 tag)
 {
 	struct tg_lpm_v6 key = {
 		.prefixlen = TG_GEN_BITS + 128,
-		.gen = gen,
+		.tag = tag,
 	};
 	const __u32 *w = (const __u32 *)a;
 	__u8 v4[4];
@@ -260,38 +306,38 @@ static __always_inline __u32 floor_class_v6(const __u8 *a, __u32 gen)
 
 	if (w[0] == 0 && w[1] == 0 &&
 	    (w[2] == 0 || w[2] == bpf_htonl(0x0000ffff) || w[2] == bpf_htonl(0xffff0000))) {
-		class = stricter(class, floor_class_v4(a + 12, gen));
+		class = stricter(class, floor_class_v4(a + 12, tag));
 	} else if (w[0] == bpf_htonl(0x0064ff9b) &&
 		   ((w[1] == 0 && w[2] == 0) || (w[1] & bpf_htonl(0xffff0000)) == bpf_htonl(0x00010000))) {
-		class = stricter(class, floor_class_v4(a + 12, gen));
+		class = stricter(class, floor_class_v4(a + 12, tag));
 	} else if (a[0] == 0x20 && a[1] == 0x02) {
-		class = stricter(class, floor_class_v4(a + 2, gen));
+		class = stricter(class, floor_class_v4(a + 2, tag));
 	} else if (w[0] == bpf_htonl(0x20010000)) {
 		v4[0] = a[12] ^ 0xff;
 		v4[1] = a[13] ^ 0xff;
 		v4[2] = a[14] ^ 0xff;
 		v4[3] = a[15] ^ 0xff;
-		class = stricter(class, floor_class_v4(v4, gen));
+		class = stricter(class, floor_class_v4(v4, tag));
 	}
 	return class;
 }
 
-static __always_inline int allowed_v4(const __u8 *addr, __u32 gen)
+static __always_inline int allowed_v4(const __u8 *addr, __u32 tag)
 {
 	struct tg_lpm_v4 key = {
 		.prefixlen = TG_GEN_BITS + 32,
-		.gen = gen,
+		.tag = tag,
 	};
 
 	__builtin_memcpy(key.addr, addr, 4);
 	return bpf_map_lookup_elem(&tg_allow_v4, &key) != NULL;
 }
 
-static __always_inline int allowed_v6(const __u8 *addr, __u32 gen)
+static __always_inline int allowed_v6(const __u8 *addr, __u32 tag)
 {
 	struct tg_lpm_v6 key = {
 		.prefixlen = TG_GEN_BITS + 128,
-		.gen = gen,
+		.tag = tag,
 	};
 
 	__builtin_memcpy(key.addr, addr, 16);
@@ -341,7 +387,7 @@ static __always_inline __u32 steer_tcp(struct __sk_buff *skb, const struct tg_pk
 		t.ipv4.dport = bpf_htons(p->dport);
 		sk = (struct bpf_sock *)bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4),
 							    BPF_F_CURRENT_NETNS, 0);
-		slot = TG_LISTENER_V4;
+		slot = p->slot * TG_LISTENER_MAX + TG_LISTENER_V4;
 	} else {
 		__builtin_memcpy(t.ipv6.saddr, p->src, 16);
 		__builtin_memcpy(t.ipv6.daddr, p->dst, 16);
@@ -349,7 +395,7 @@ static __always_inline __u32 steer_tcp(struct __sk_buff *skb, const struct tg_pk
 		t.ipv6.dport = bpf_htons(p->dport);
 		sk = (struct bpf_sock *)bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv6),
 							    BPF_F_CURRENT_NETNS, 0);
-		slot = TG_LISTENER_V6;
+		slot = p->slot * TG_LISTENER_MAX + TG_LISTENER_V6;
 	}
 
 	/* A listener that happens to match the original destination is not
@@ -383,7 +429,7 @@ static __always_inline __u32 steer_tcp(struct __sk_buff *skb, const struct tg_pk
 /* Steps 3-9 for an IPv4 or IPv6 packet whose source was accepted. */
 static __always_inline __u32 decide(struct __sk_buff *skb, const struct tg_pkt *p,
 				    const struct tg_net *net, const struct tg_config *cfg,
-				    __u32 gen)
+				    __u32 tag)
 {
 	int v4 = p->family == 4;
 	__u8 echo = v4 ? ICMP_ECHO_ : ICMPV6_ECHO_REQUEST_;
@@ -412,14 +458,14 @@ static __always_inline __u32 decide(struct __sk_buff *skb, const struct tg_pkt *
 	if (icmp && p->dport != echo)
 		return TG_DROP_ICMP_TYPE; /* echo replies only to the gateway */
 
-	class = v4 ? floor_class_v4(p->dst, gen) : floor_class_v6(p->dst, gen);
+	class = v4 ? floor_class_v4(p->dst, tag) : floor_class_v6(p->dst, tag);
 	if (class == TG_CLASS_FLOOR)
 		return TG_DROP_FLOOR;
 
 	if (cfg->mode == TG_MODE_DENY_ALL)
 		return TG_DROP_DENY_ALL;
 
-	if (v4 ? allowed_v4(p->dst, gen) : allowed_v6(p->dst, gen)) {
+	if (v4 ? allowed_v4(p->dst, tag) : allowed_v6(p->dst, tag)) {
 		set_mark(skb, TG_MARK_FORWARD);
 		return TG_PASS_CIDR;
 	}
@@ -459,7 +505,7 @@ static __always_inline __u32 judge_arp(struct __sk_buff *skb, const struct tg_ne
 
 static __always_inline __u32 judge_v4(struct __sk_buff *skb, struct tg_pkt *p,
 				      const struct tg_net *net, const struct tg_config *cfg,
-				      __u32 gen)
+				      __u32 tag)
 {
 	struct iphdr ip;
 	__u32 r;
@@ -482,7 +528,7 @@ static __always_inline __u32 judge_v4(struct __sk_buff *skb, struct tg_pkt *p,
 		return TG_DROP_SPOOF;
 	if (r != TG_PASS_LOCAL)
 		return r;
-	return decide(skb, p, net, cfg, gen);
+	return decide(skb, p, net, cfg, tag);
 }
 
 static __always_inline int is_ext_header(__u8 nexthdr)
@@ -505,7 +551,7 @@ static __always_inline int is_ext_header(__u8 nexthdr)
 
 static __always_inline __u32 judge_v6(struct __sk_buff *skb, struct tg_pkt *p,
 				      const struct tg_net *net, const struct tg_config *cfg,
-				      __u32 gen)
+				      __u32 tag)
 {
 	struct ipv6hdr ip6;
 	__u32 r;
@@ -550,17 +596,38 @@ static __always_inline __u32 judge_v6(struct __sk_buff *skb, struct tg_pkt *p,
 			return TG_PASS_LOCAL;
 		return TG_DROP_SPOOF;
 	}
-	return decide(skb, p, net, cfg, gen);
+	return decide(skb, p, net, cfg, tag);
+}
+
+/* The sandbox's slot and link, from the classid of the filter that runs
+ * the program, or NULL when it names no live slot of this link. */
+static __always_inline const struct tg_net *claim(struct __sk_buff *skb, struct tg_pkt *p)
+{
+	__u32 classid = skb->tc_classid;
+	const struct tg_net *net;
+	__u32 s = TG_CLASSID_SLOT(classid);
+
+	net = bpf_map_lookup_elem(&tg_net, &s);
+	if (!net || net->abi_version != TG_ABI_VERSION || net->epoch != TG_CLASSID_EPOCH(classid) ||
+	    net->ifindex != skb->ingress_ifindex)
+		return NULL;
+	p->slot = s;
+	p->cookie = net->netns_cookie;
+	return net;
 }
 
 static __always_inline __u32 judge(struct __sk_buff *skb, struct tg_pkt *p)
 {
-	__u32 zero = 0;
 	const struct tg_net *net;
 	const struct tg_config *cfg;
 	__u32 *active;
-	__u32 gen;
+	__u32 slot, gen, tag;
 	__u8 eth[ETH_HLEN];
+
+	net = claim(skb, p);
+	if (!net)
+		return TG_DROP_NO_CONFIG;
+	slot = p->slot;
 
 	if (bpf_skb_load_bytes(skb, 0, eth, sizeof(eth)))
 		return TG_DROP_MALFORMED;
@@ -577,13 +644,13 @@ static __always_inline __u32 judge(struct __sk_buff *skb, struct tg_pkt *p)
 	if (skb->protocol != bpf_htons(p->ethertype))
 		return TG_DROP_L2;
 
-	net = bpf_map_lookup_elem(&tg_net, &zero);
-	active = bpf_map_lookup_elem(&tg_active, &zero);
-	if (!net || !active || net->abi_version != TG_ABI_VERSION)
+	active = bpf_map_lookup_elem(&tg_active, &slot);
+	if (!active)
 		return TG_DROP_NO_CONFIG;
 	/* Read the generation once; every lookup below uses this value. */
 	gen = *active & 1;
-	cfg = bpf_map_lookup_elem(&tg_config, &gen);
+	tag = slot * TG_GENERATIONS + gen;
+	cfg = bpf_map_lookup_elem(&tg_config, &tag);
 	if (!cfg || cfg->mode == TG_MODE_UNSET || cfg->mode > TG_MODE_CUSTOM)
 		return TG_DROP_NO_CONFIG;
 
@@ -591,9 +658,9 @@ static __always_inline __u32 judge(struct __sk_buff *skb, struct tg_pkt *p)
 	case ETH_P_ARP:
 		return judge_arp(skb, net);
 	case ETH_P_IP:
-		return judge_v4(skb, p, net, cfg, gen);
+		return judge_v4(skb, p, net, cfg, tag);
 	case ETH_P_IPV6:
-		return judge_v6(skb, p, net, cfg, gen);
+		return judge_v6(skb, p, net, cfg, tag);
 	}
 	return TG_DROP_L2;
 }
@@ -601,7 +668,7 @@ static __always_inline __u32 judge(struct __sk_buff *skb, struct tg_pkt *p)
 SEC("classifier")
 int tg_egress(struct __sk_buff *skb)
 {
-	struct tg_pkt p = {};
+	struct tg_pkt p = { .slot = TG_SLOTS };
 	__u32 reason;
 
 	/* Marks are tollgate's to set: never trust bits the sandbox's side set. */
@@ -609,7 +676,7 @@ int tg_egress(struct __sk_buff *skb)
 	reason = judge(skb, &p);
 	if (reason >= TG_REASON_MAX)
 		reason = TG_DROP_MALFORMED;
-	count(reason);
+	count(&p, reason);
 	if (reason < TG_FIRST_DROP)
 		return TC_ACT_OK;
 	set_mark(skb, 0);

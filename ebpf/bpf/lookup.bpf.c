@@ -11,6 +11,10 @@
  * It acts only on TCP listener lookups for packets that arrived on the
  * sandbox's link from the guest's address and are not for the gateway (DNS
  * over TCP keeps its own listener); everything else is left to the kernel.
+ *
+ * An sk_lookup program cannot learn its network namespace, so each sandbox
+ * loads its own copy with its slot fixed at load time (tg_slot); it is
+ * small, and the maps it reads are the shared ones.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -64,13 +68,16 @@ static __always_inline int listener_slot(const struct bpf_sk_lookup *ctx, const 
 	return -1;
 }
 
+/* This sandbox's slot, set by the loader. */
+volatile const __u32 tg_slot = 0;
+
 SEC("sk_lookup")
 int tg_lookup(struct bpf_sk_lookup *ctx)
 {
-	__u32 zero = 0;
-	const struct tg_net *net = bpf_map_lookup_elem(&tg_net, &zero);
+	__u32 slot = tg_slot;
+	const struct tg_net *net = bpf_map_lookup_elem(&tg_net, &slot);
 	struct bpf_sock *sk;
-	__u32 slot;
+	__u32 key;
 	int s;
 
 	if (!net || net->abi_version != TG_ABI_VERSION)
@@ -78,8 +85,8 @@ int tg_lookup(struct bpf_sk_lookup *ctx)
 	s = listener_slot(ctx, net);
 	if (s < 0)
 		return SK_PASS;
-	slot = s;
-	sk = bpf_map_lookup_elem(&tg_listeners, &slot);
+	key = slot * TG_LISTENER_MAX + s;
+	sk = bpf_map_lookup_elem(&tg_listeners, &key);
 	if (!sk)
 		return SK_PASS; /* no proxy: the kernel finds no listener either */
 	bpf_sk_assign(ctx, sk, 0);

@@ -2,7 +2,8 @@
 /*
  * shared_maps.h — the maps that more than one program uses. Each object
  * declares them identically; the loader creates them with the egress object
- * and hands the pinned instances to the others.
+ * (once per pin root, for every sandbox) and hands the pinned instances to
+ * each sandbox's sk_lookup program.
  */
 #ifndef TOLLGATE_SHARED_MAPS_H
 #define TOLLGATE_SHARED_MAPS_H
@@ -12,19 +13,20 @@
 
 #include "tollgate.h"
 
-/* tg_net[0]: the sandbox's link. */
+/* tg_net[slot]: each sandbox's link. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, TG_SLOTS);
 	__type(key, __u32);
 	__type(value, struct tg_net);
 } tg_net SEC(".maps");
 
-/* The proxy's listeners: TG_LISTENER_V4 / TG_LISTENER_V6. A closed listener
- * leaves the map by itself, so a dead proxy means an empty slot. */
+/* Each sandbox's proxy listeners: slot * TG_LISTENER_MAX + TG_LISTENER_V4 /
+ * TG_LISTENER_V6. A closed listener leaves the map by itself, so a dead
+ * proxy means an empty entry. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, TG_LISTENER_MAX);
+	__uint(max_entries, TG_SLOTS * TG_LISTENER_MAX);
 	__type(key, __u32);
 	__type(value, __u32);
 } tg_listeners SEC(".maps");

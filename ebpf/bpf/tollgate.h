@@ -11,7 +11,7 @@
 #include <linux/types.h>
 
 /* Stored in tg_net.abi_version; `Filter::open_pinned` refuses a mismatch. */
-#define TG_ABI_VERSION 1
+#define TG_ABI_VERSION 2
 
 /* ---- policy ---------------------------------------------------------- */
 
@@ -48,16 +48,36 @@ enum tg_class {
  * mode, deny-all included, because it is not egress. */
 #define TG_GATEWAY_HTTP_PORT 80
 
-/* Keys of tg_listeners (the proxy's transparent listeners). */
+/* A sandbox's listeners in tg_listeners: slot * TG_LISTENER_MAX + one of
+ * these (the proxy's transparent listeners). */
 #define TG_LISTENER_V4 0
 #define TG_LISTENER_V6 1
 #define TG_LISTENER_MAX 2
 
-/* Capacities. Two generations share each trie (see tg_lpm_v4). */
+/* ---- slots ------------------------------------------------------------- */
+
+/* One TC program and one set of maps serve every sandbox under a pin root.
+ * A sandbox owns a slot: every per-sandbox map is indexed by it (arrays) or
+ * carries it in its key (the LPM tries' tag, see tg_lpm_v4). The sandbox's
+ * cls_bpf filter names it in its classid, which cls_bpf hands to the program
+ * in skb->tc_classid (16 bits): the low 12 bits are the slot, the high 4 the
+ * slot's epoch (tg_net.epoch, 1..15, advanced at every claim), so a filter
+ * left behind by an earlier owner of the slot judges nothing. */
+#define TG_SLOTS 4096
+#define TG_CLASSID(epoch, slot) ((((__u32)(epoch)) << 12) | (slot))
+#define TG_CLASSID_SLOT(classid) ((classid) & 0xfffu)
+#define TG_CLASSID_EPOCH(classid) (((classid) >> 12) & 0xfu)
+#define TG_EPOCH_MAX 15
+
+/* Capacities. Two generations share each trie (see tg_lpm_v4). The
+ * per-sandbox limits are enforced by the loader; the tries' capacities
+ * bound the sum over every slot. */
 #define TG_GENERATIONS 2
 #define TG_FLOOR_MAX 1024 /* floor + private prefixes per family and generation */
 #define TG_ALLOW_MAX 256  /* allow_cidrs prefixes per family and generation */
-#define TG_EVENTS_BYTES (16 * 1024) /* ~290 events; a burst beyond is counted as lost */
+#define TG_FLOOR_ENTRIES (1u << 20) /* all slots, both generations, per family */
+#define TG_ALLOW_ENTRIES (1u << 20)
+#define TG_EVENTS_BYTES (1024 * 1024) /* ~18,000 events shared by every slot */
 
 /* ---- verdicts --------------------------------------------------------- */
 
@@ -90,15 +110,19 @@ enum tg_reason {
 };
 #define TG_FIRST_DROP TG_DROP_L2
 
-/* tg_counters has one slot per reason plus this one. */
+/* tg_counters has, per sandbox slot, one counter per reason plus this one:
+ * counter `c` of slot `s` is element s * TG_COUNTERS + c. */
 #define TG_COUNTER_EVENTS_LOST TG_REASON_MAX
 #define TG_COUNTERS (TG_REASON_MAX + 1)
 
 /* ---- map keys and values ---------------------------------------------- */
 
-/* tg_net[0]: the sandbox's link, written once at attach. Addresses are in
- * network byte order; ifindex is the guest-facing interface's index in the
- * router namespace. */
+/* tg_net[slot]: the sandbox's link, written once at attach. Addresses are
+ * in network byte order; ifindex is the guest-facing interface's index in the
+ * router namespace, netns_cookie that namespace's cookie (SO_NETNS_COOKIE,
+ * copied into events). A packet is judged by a slot only when the filter's
+ * classid names the slot's epoch and it arrived on `ifindex`. abi_version 0:
+ * the slot is free (epoch is kept for the next owner). */
 struct tg_net {
 	__u32 abi_version;
 	__u32 flags;
@@ -107,36 +131,52 @@ struct tg_net {
 	__u8 guest_v6[16];
 	__u8 gateway_v6[16];
 	__u32 ifindex;
-	__u32 reserved; /* 0 */
-}; /* 56 bytes */
+	__u32 epoch;
+	__u64 netns_cookie;
+}; /* 64 bytes */
 
-/* tg_config[generation] */
+/* tg_owner[slot]: who holds a slot. Claimed with BPF_NOEXIST (the claim is
+ * atomic across processes) before anything of the slot is written; deleted
+ * last, once every key of the slot is gone. */
+struct tg_owner {
+	__u64 netns_cookie;
+	__u32 pid; /* the process that claimed it */
+	__u32 reserved; /* 0 */
+}; /* 16 bytes */
+
+/* tg_config[slot * TG_GENERATIONS + generation] */
 struct tg_config {
 	__u32 mode;
 	__u32 flags; /* reserved, 0 */
 }; /* 8 bytes */
 
-/* Keys of the generation-indexed LPM tries. The generation is part of the
- * matched data: `prefixlen` counts its 32 bits plus the address prefix, so a
- * lookup with generation G only ever matches entries written for G. */
+/* Keys of the shared LPM tries. The tag names the slot and the generation
+ * (tag = slot * TG_GENERATIONS + generation) and is part of the matched data:
+ * `prefixlen` counts its 32 bits plus the address prefix, so a lookup with
+ * tag T only ever matches entries written for that slot and generation. */
 struct tg_lpm_v4 {
 	__u32 prefixlen;
-	__u32 gen;
+	__u32 tag;
 	__u8 addr[4];
 }; /* 12 bytes */
 
 struct tg_lpm_v6 {
 	__u32 prefixlen;
-	__u32 gen;
+	__u32 tag;
 	__u8 addr[16];
 }; /* 24 bytes */
 
-#define TG_GEN_BITS 32
+#define TG_GEN_BITS 32 /* the tag's bits at the front of every LPM key */
 
-/* One ring-buffer record per dropped packet. Ports are in host byte order;
- * for ICMP / ICMPv6, dport holds the type and sport the code. family is 4, 6,
- * or 0 for an L2 drop (then only ethertype is set). */
+/* One ring-buffer record per dropped packet, in the ring every slot shares.
+ * slot and netns_cookie name the sandbox (a record of a slot's previous
+ * owner has another cookie). Ports are in host byte order; for ICMP /
+ * ICMPv6, dport holds the type and sport the code. family is 4, 6, or 0 for
+ * an L2 drop (then only ethertype is set). A packet that no slot claims is
+ * counted, not reported. */
 struct tg_event {
+	__u64 netns_cookie;
+	__u32 slot;
 	__u32 reason;
 	__u16 ethertype;
 	__u8 family;
@@ -145,6 +185,6 @@ struct tg_event {
 	__u16 sport;
 	__u8 dst[16]; /* IPv4 in the first 4 bytes */
 	__u8 src[16];
-}; /* 44 bytes */
+}; /* 56 bytes */
 
 #endif /* TOLLGATE_H */

@@ -7,7 +7,7 @@ use std::mem::size_of;
 use aya::maps::lpm_trie::Key;
 
 /// `TG_ABI_VERSION`: stored in [`NetConfig::abi_version`].
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `enum tg_mode`.
 pub const MODE_UNSET: u32 = 0;
@@ -43,6 +43,21 @@ pub const GATEWAY_HTTP_PORT: u16 = 80;
 pub const LISTENER_V4: u32 = 0;
 /// `TG_LISTENER_V6`: sockmap slot of the IPv6 listener.
 pub const LISTENER_V6: u32 = 1;
+/// `TG_LISTENER_MAX`: listener entries per sandbox slot.
+pub const LISTENER_MAX: u32 = 2;
+
+/// `TG_SLOTS`: sandboxes one shared program and its maps serve.
+pub const SLOTS: u32 = 4096;
+/// `TG_EPOCH_MAX`: epochs run 1..=this, then wrap to 1.
+pub const EPOCH_MAX: u32 = 15;
+
+/// `TG_CLASSID`: the classid of `slot`'s `cls_bpf` filter in `epoch`
+/// (16 bits: cls_bpf hands the program only the minor).
+pub const fn classid(epoch: u32, slot: u32) -> u32 {
+    (epoch << 12) | slot
+}
+
+const _: () = assert!(SLOTS <= 1 << 12 && EPOCH_MAX < 1 << 4);
 
 /// `TG_GENERATIONS`.
 pub const GENERATIONS: u32 = 2;
@@ -50,8 +65,14 @@ pub const GENERATIONS: u32 = 2;
 pub const FLOOR_MAX: usize = 1024;
 /// `TG_ALLOW_MAX`: allow_cidrs prefixes per family and generation.
 pub const ALLOW_MAX: usize = 256;
-/// `TG_GEN_BITS`: bits of the generation at the front of every LPM key.
+/// `TG_GEN_BITS`: bits of the tag (slot and generation) at the front of
+/// every LPM key.
 pub const GEN_BITS: u32 = 32;
+
+/// The LPM tag of `slot`'s generation `gen`.
+pub const fn tag(slot: u32, gen: u32) -> u32 {
+    slot * GENERATIONS + gen
+}
 
 /// `TG_REASON_MAX`: number of verdict reasons.
 pub const REASON_MAX: u32 = 22;
@@ -65,11 +86,13 @@ pub const COUNTERS: u32 = REASON_MAX + 1;
 
 /// Map names in the object (and file names of their pins).
 pub mod names {
-    /// `struct tg_net`, one element.
+    /// Slot → `struct tg_owner`.
+    pub const OWNER: &str = "tg_owner";
+    /// `struct tg_net` per slot.
     pub const NET: &str = "tg_net";
-    /// Active generation, one element.
+    /// Active generation per slot.
     pub const ACTIVE: &str = "tg_active";
-    /// `struct tg_config` per generation.
+    /// `struct tg_config` per slot and generation.
     pub const CONFIG: &str = "tg_config";
     /// IPv4 floor / private trie.
     pub const FLOOR_V4: &str = "tg_floor_v4";
@@ -81,8 +104,10 @@ pub mod names {
     pub const ALLOW_V6: &str = "tg_allow_v6";
     /// Sockmap of the proxy's listeners.
     pub const LISTENERS: &str = "tg_listeners";
-    /// Per-CPU verdict counters.
+    /// Verdict counters, [`super::COUNTERS`] per slot.
     pub const COUNTERS: &str = "tg_counters";
+    /// Per-CPU count of packets no slot claimed.
+    pub const UNCLAIMED: &str = "tg_unclaimed";
     /// Ring buffer of drop events.
     pub const EVENTS: &str = "tg_events";
     /// Map-in-map used only to wait for an RCU grace period.
@@ -90,9 +115,9 @@ pub mod names {
     /// The inner map stored in [`SYNC`].
     pub const SYNC_INNER: &str = "tg_sync_inner";
     /// Every map, in pin order.
-    pub const ALL: [&str; 12] = [
-        NET, ACTIVE, CONFIG, FLOOR_V4, FLOOR_V6, ALLOW_V4, ALLOW_V6, LISTENERS, COUNTERS, EVENTS,
-        SYNC, SYNC_INNER,
+    pub const ALL: [&str; 14] = [
+        OWNER, NET, ACTIVE, CONFIG, FLOOR_V4, FLOOR_V6, ALLOW_V4, ALLOW_V6, LISTENERS, COUNTERS,
+        UNCLAIMED, EVENTS, SYNC, SYNC_INNER,
     ];
 }
 
@@ -119,6 +144,20 @@ pub struct NetConfig {
     pub gateway_v6: [u8; 16],
     /// Index of the guest-facing interface in the router namespace.
     pub ifindex: u32,
+    /// The slot's epoch (the major of its filter's classid).
+    pub epoch: u32,
+    /// Cookie of the router namespace (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+}
+
+/// `struct tg_owner`: who holds a slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Cookie of the sandbox's router namespace.
+    pub netns_cookie: u64,
+    /// The process that claimed the slot.
+    pub pid: u32,
     /// Reserved, 0.
     pub reserved: u32,
 }
@@ -137,8 +176,8 @@ pub struct Config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LpmV4 {
-    /// Generation, 0 or 1.
-    pub gen: u32,
+    /// [`tag`]: the slot and the generation.
+    pub tag: u32,
     /// Address, network byte order.
     pub addr: [u8; 4],
 }
@@ -147,8 +186,8 @@ pub struct LpmV4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LpmV6 {
-    /// Generation, 0 or 1.
-    pub gen: u32,
+    /// [`tag`]: the slot and the generation.
+    pub tag: u32,
     /// Address, network byte order.
     pub addr: [u8; 16],
 }
@@ -157,6 +196,10 @@ pub struct LpmV6 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawEvent {
+    /// Cookie of the sandbox's router namespace.
+    pub netns_cookie: u64,
+    /// The sandbox's slot.
+    pub slot: u32,
     /// `enum tg_reason`.
     pub reason: u32,
     /// Ethertype of the frame.
@@ -205,11 +248,12 @@ impl SpliceEnd {
 }
 
 const _: () = assert!(size_of::<SpliceEnd>() == 40);
-const _: () = assert!(size_of::<NetConfig>() == 56);
+const _: () = assert!(size_of::<NetConfig>() == 64);
+const _: () = assert!(size_of::<Owner>() == 16);
 const _: () = assert!(size_of::<Config>() == 8);
 const _: () = assert!(size_of::<Key<LpmV4>>() == 12);
 const _: () = assert!(size_of::<Key<LpmV6>>() == 24);
-const _: () = assert!(size_of::<RawEvent>() == 44);
+const _: () = assert!(size_of::<RawEvent>() == 56);
 
 impl RawEvent {
     /// Decodes a ring-buffer record (native byte order, as the kernel wrote
@@ -219,17 +263,22 @@ impl RawEvent {
             return None;
         }
         let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let mut cookie = [0u8; 8];
+        cookie.copy_from_slice(&b[0..8]);
         let mut dst = [0u8; 16];
-        dst.copy_from_slice(&b[12..28]);
+        dst.copy_from_slice(&b[24..40]);
         let mut src = [0u8; 16];
-        src.copy_from_slice(&b[28..44]);
+        src.copy_from_slice(&b[40..56]);
         Some(Self {
-            reason: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-            ethertype: u16_at(4),
-            family: b[6],
-            proto: b[7],
-            dport: u16_at(8),
-            sport: u16_at(10),
+            netns_cookie: u64::from_ne_bytes(cookie),
+            slot: u32_at(8),
+            reason: u32_at(12),
+            ethertype: u16_at(16),
+            family: b[18],
+            proto: b[19],
+            dport: u16_at(20),
+            sport: u16_at(22),
             dst,
             src,
         })

@@ -60,6 +60,14 @@ pub enum EbpfError {
     /// The pin directory already holds an attached filter.
     #[error("{0} already holds an attached filter (open_pinned or remove it first)")]
     AlreadyAttached(PathBuf),
+    /// Every slot of the shared maps is taken.
+    #[error("{dir}: all {max} sandbox slots are in use")]
+    NoFreeSlot {
+        /// The shared object's directory.
+        dir: PathBuf,
+        /// [`crate::abi::SLOTS`].
+        max: u32,
+    },
     /// The pinned maps were written by a different ABI version of this crate.
     #[error("pinned maps have ABI version {found}, this build speaks {expected}")]
     AbiMismatch {

@@ -1,47 +1,173 @@
-//! Reading drop events from the per-sandbox ring buffer, synchronously or
-//! from tokio.
+//! Drop events: every slot's records arrive in the one ring buffer of the
+//! shared maps; a dispatcher thread per shared object moves them into
+//! per-sandbox queues, read synchronously or from tokio.
+//!
+//! The kernel keeps one consumer position per ring buffer, so one consumer
+//! ([`Dispatch::pump`], under a lock) drains it for every sandbox; a record
+//! goes to the queue of its slot and namespace cookie (a record of a slot's
+//! previous owner names another cookie and is discarded).
 
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use aya::maps::{Map, MapData, RingBuf};
-use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
-use crate::abi::names;
+use crate::abi::{self, names};
 use crate::error::EbpfError;
+use crate::maps::lock;
 use crate::verdict::DropEvent;
 
-/// The consumer side of a filter's ring buffer. It holds its own descriptor,
-/// so it may outlive the [`crate::Filter`] it came from and move to another
-/// task. The kernel keeps one consumer position per ring buffer: use one
-/// reader per filter at a time.
-pub struct EventReader {
-    ring: RingBuf<MapData>,
+/// Events a sandbox's queue holds before newer ones are counted as lost.
+pub const QUEUE_MAX: usize = 1024;
+
+/// One sandbox's queue.
+#[derive(Default)]
+struct Queue {
+    events: VecDeque<DropEvent>,
+    lost: u64,
+    notify: Arc<Notify>,
 }
 
-/// [`EventReader`] registered with the tokio reactor.
+/// The ring and the per-sandbox queues of one shared object.
+pub(crate) struct Dispatch {
+    ring: Mutex<RingBuf<MapData>>,
+    queues: Mutex<HashMap<(u32, u64), Queue>>,
+    stop: AtomicBool,
+}
+
+impl Dispatch {
+    /// Takes a descriptor of the ring and starts the dispatcher thread,
+    /// which runs until [`Dispatch::stop`].
+    pub(crate) fn start(ring_fd: OwnedFd) -> Result<Arc<Self>, EbpfError> {
+        let data = MapData::from_fd(ring_fd).map_err(EbpfError::map(names::EVENTS))?;
+        let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(EbpfError::map(names::EVENTS))?;
+        let d = Arc::new(Self {
+            ring: Mutex::new(ring),
+            queues: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&d);
+        let poll_fd = lock(&d.ring)
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(EbpfError::io("duplicating the ring buffer descriptor"))?;
+        std::thread::Builder::new()
+            .name("tg-ebpf-events".into())
+            .spawn(move || loop {
+                // Readable: records wait. The timeout only bounds how long a
+                // stop takes to be seen.
+                let ready = crate::sys::wait_readable(poll_fd.as_fd(), 200).unwrap_or(false);
+                let Some(d) = weak.upgrade() else { return };
+                if d.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                if ready {
+                    d.pump();
+                }
+            })
+            .map_err(EbpfError::io("starting the event dispatcher"))?;
+        Ok(d)
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Moves every waiting record into its queue and wakes the readers.
+    fn pump(&self) {
+        let mut woken = Vec::new();
+        let mut ring = lock(&self.ring);
+        let mut queues = lock(&self.queues);
+        while let Some(item) = ring.next() {
+            let Some(raw) = abi::RawEvent::from_bytes(&item) else {
+                continue;
+            };
+            // A record this crate cannot decode (a newer program) is skipped.
+            let Some(event) = DropEvent::from_bytes(&item) else {
+                continue;
+            };
+            let Some(q) = queues.get_mut(&(raw.slot, raw.netns_cookie)) else {
+                continue;
+            };
+            if q.events.len() >= QUEUE_MAX {
+                q.lost += 1;
+                continue;
+            }
+            q.events.push_back(event);
+            woken.push(q.notify.clone());
+        }
+        drop(queues);
+        drop(ring);
+        for n in woken {
+            n.notify_one();
+        }
+    }
+
+    /// Opens the queue of `slot` owned by the namespace `cookie` (a no-op
+    /// when it is open): its events are kept from now on.
+    pub(crate) fn open(&self, slot: u32, cookie: u64) {
+        lock(&self.queues).entry((slot, cookie)).or_default();
+    }
+
+    /// Drops the queue of `slot` (the sandbox is gone).
+    pub(crate) fn close(&self, slot: u32, cookie: u64) {
+        lock(&self.queues).remove(&(slot, cookie));
+    }
+
+    /// Events lost because the queue was full.
+    pub(crate) fn lost(&self, slot: u32, cookie: u64) -> u64 {
+        lock(&self.queues)
+            .get(&(slot, cookie))
+            .map_or(0, |q| q.lost)
+    }
+
+    fn pop(&self, key: (u32, u64)) -> Option<DropEvent> {
+        lock(&self.queues)
+            .get_mut(&key)
+            .and_then(|q| q.events.pop_front())
+    }
+
+    fn notify(&self, key: (u32, u64)) -> Arc<Notify> {
+        lock(&self.queues).entry(key).or_default().notify.clone()
+    }
+}
+
+/// The events of one sandbox. It may outlive the [`crate::Filter`] it came
+/// from and move to another task; use one reader per filter at a time (two
+/// would share its events).
+pub struct EventReader {
+    dispatch: Arc<Dispatch>,
+    key: (u32, u64),
+}
+
+/// [`EventReader`] for tokio.
 pub struct AsyncEventReader {
-    fd: AsyncFd<EventReader>,
+    reader: EventReader,
+    notify: Arc<Notify>,
 }
 
 // === impl EventReader ===
 
 impl EventReader {
-    pub(crate) fn new(fd: OwnedFd) -> Result<Self, EbpfError> {
-        let data = MapData::from_fd(fd).map_err(EbpfError::map(names::EVENTS))?;
-        let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(EbpfError::map(names::EVENTS))?;
-        Ok(Self { ring })
+    pub(crate) fn new(dispatch: Arc<Dispatch>, slot: u32, cookie: u64) -> Self {
+        dispatch.open(slot, cookie);
+        Self {
+            dispatch,
+            key: (slot, cookie),
+        }
     }
 
     /// The next event, if one is waiting.
     pub fn try_next(&mut self) -> Option<DropEvent> {
-        loop {
-            let item = self.ring.next()?;
-            // A record this crate cannot decode (a newer program) is skipped.
-            if let Some(e) = DropEvent::from_bytes(&item) {
-                return Some(e);
-            }
+        if let Some(e) = self.dispatch.pop(self.key) {
+            return Some(e);
         }
+        self.dispatch.pump();
+        self.dispatch.pop(self.key)
     }
 
     /// Every event waiting now.
@@ -49,23 +175,27 @@ impl EventReader {
         std::iter::from_fn(|| self.try_next()).collect()
     }
 
-    /// For tokio: `AsyncFd` readiness on the ring buffer.
-    pub fn into_async(self) -> io::Result<AsyncEventReader> {
+    /// Waits up to `timeout` for the next event.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<DropEvent> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.try_next() {
+                return Some(e);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// For tokio.
+    pub fn into_async(self) -> std::io::Result<AsyncEventReader> {
+        let notify = self.dispatch.notify(self.key);
         Ok(AsyncEventReader {
-            fd: crate::sys::register_async(self)?,
+            reader: self,
+            notify,
         })
-    }
-}
-
-impl AsFd for EventReader {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.ring.as_fd()
-    }
-}
-
-impl AsRawFd for EventReader {
-    fn as_raw_fd(&self) -> RawFd {
-        self.ring.as_raw_fd()
     }
 }
 
@@ -73,21 +203,20 @@ impl AsRawFd for EventReader {
 
 impl AsyncEventReader {
     /// Waits for the next event.
-    pub async fn next(&mut self) -> io::Result<DropEvent> {
+    pub async fn next(&mut self) -> std::io::Result<DropEvent> {
         loop {
-            if let Some(e) = self.fd.get_mut().try_next() {
+            // The dispatcher stores a permit when it queues an event while
+            // nobody waits, so an event queued after this check still wakes
+            // the wait below.
+            if let Some(e) = self.reader.dispatch.pop(self.reader.key) {
                 return Ok(e);
             }
-            let mut guard = self.fd.readable_mut().await?;
-            match guard.get_inner_mut().try_next() {
-                Some(e) => return Ok(e),
-                None => guard.clear_ready(),
-            }
+            self.notify.notified().await;
         }
     }
 
     /// Every event waiting now, without waiting.
     pub fn drain(&mut self) -> Vec<DropEvent> {
-        self.fd.get_mut().drain()
+        self.reader.drain()
     }
 }

@@ -1,12 +1,14 @@
-//! One sandbox's filter: load, fill, attach, pin; reopen after a restart;
-//! update; detach.
+//! One sandbox's filter: claim a slot in the shared maps, fill it, attach
+//! the shared program, pin; reopen after a restart; update; detach.
 //!
-//! Pin layout under the pin directory (e.g. `/sys/fs/bpf/tollgate/<id>/`):
-//! one file per map (`tg_net`, `tg_active`, ... see [`crate::abi::names`]),
-//! the sk_lookup program and its netns link as `lookup_prog` / `lookup_link`,
-//! the TC program as `prog`, and the TC program once more as `link`, written
-//! last, once its filter is attached: a directory with a `link` pin holds a
-//! complete, attached filter.
+//! The TC program is loaded and verified once per pin root and instance
+//! (see [`crate::shared`]); a sandbox is a slot in its maps. Pin layout of a
+//! sandbox's directory (e.g. `/sys/fs/bpf/tollgate/<id>/`): the slot marker
+//! `tg_slot_<slot>_<instance>` (an empty directory naming the slot and the
+//! shared object), the sandbox's sk_lookup program and its netns link as
+//! `lookup_prog` / `lookup_link`, and the shared TC program pinned once more
+//! as `link`, written last, once its filter is attached: a directory with a
+//! `link` pin holds a complete, attached filter.
 //!
 //! The TC program is attached as a direct-action `cls_bpf` filter on a
 //! `clsact` qdisc (netlink), priority [`TC_PRIORITY`], handle [`TC_HANDLE`].
@@ -19,28 +21,32 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::programs::links::{FdLink, Link};
-use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
-use aya::programs::{Program, ProgramError, SchedClassifier, SkLookup, TcAttachType};
+use aya::programs::tc::{SchedClassifierLink, TcError, TcHandle};
+use aya::programs::{Program, ProgramError, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, names};
 use crate::error::EbpfError;
 use crate::events::EventReader;
-use crate::maps::Tables;
+use crate::maps::{self, lock, Index, SlotEntries};
 use crate::policy::{CompiledFloor, EgressPolicy, FloorSet, SandboxNet};
+use crate::shared::{self, Shared};
 use crate::verdict::Counters;
-use crate::{ensure_bpffs, sys, EGRESS_OBJECT, LOOKUP_OBJECT};
+use crate::{ensure_bpffs, netlink, sys, EGRESS_OBJECT, LOOKUP_OBJECT};
 
-/// File name of the "attached" marker: the TC program pinned a second time,
-/// after its filter is attached.
+/// File name of the "attached" marker: the shared TC program pinned once
+/// more, after the sandbox's filter is attached.
 pub const LINK_PIN: &str = "link";
 /// The `cls_bpf` filter's priority on the interface's ingress (first).
 pub const TC_PRIORITY: u16 = 1;
 /// The `cls_bpf` filter's handle.
 pub const TC_HANDLE: u32 = 0x7467;
-/// File name of the TC program pin.
+/// File name of the TC program pin of the per-sandbox layout of ABI 1
+/// (removed when found; the shared program is pinned in the shared
+/// directory).
 pub const PROG_PIN: &str = "prog";
 /// File name of the sk_lookup (netns) link pin.
 pub const LOOKUP_LINK_PIN: &str = "lookup_link";
@@ -52,7 +58,12 @@ pub const LOOKUP_PROG_PIN: &str = "lookup_prog";
 /// take it away.
 pub struct Filter {
     pin_dir: PathBuf,
-    tables: Tables,
+    shared: Arc<Shared>,
+    marker: shared::Marker,
+    slot: u32,
+    /// Cookie of the router namespace.
+    cookie: u64,
+    entries: SlotEntries,
     /// Where the TC filter is (None: its router namespace is gone).
     site: Option<Site>,
     lookup_link: OwnedFd,
@@ -65,6 +76,7 @@ impl std::fmt::Debug for Filter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Filter")
             .field("pin_dir", &self.pin_dir)
+            .field("slot", &self.slot)
             .field("net", &self.net)
             .field("policy", &self.policy)
             .finish_non_exhaustive()
@@ -74,17 +86,20 @@ impl std::fmt::Debug for Filter {
 // === impl Filter ===
 
 impl Filter {
-    /// Loads the program with fresh maps, fills them (`net`, `floor`,
-    /// `policy`), attaches it at ingress of `ifname` — the first `cls_bpf`
-    /// filter — inside the network namespace `netns` (e.g.
-    /// `/run/netns/<router ns>`), and pins maps, program and link under
-    /// `pin_dir`. The caller's thread never changes namespace: the attach runs
-    /// on a short-lived thread that enters `netns`.
+    /// Claims a slot in the shared maps of `pin_dir`'s parent (loading and
+    /// verifying the shared program if this is the first filter there),
+    /// fills it (`net`, `floor`, `policy`), attaches the shared program at
+    /// ingress of `ifname` — the first `cls_bpf` filter — inside the network
+    /// namespace `netns` (e.g. `/run/netns/<router ns>`), and pins the
+    /// sandbox's objects under `pin_dir`. The caller's thread never changes
+    /// namespace: the attach runs on a short-lived thread that enters
+    /// `netns`.
     ///
     /// Fails with [`EbpfError::AlreadyAttached`] when `pin_dir` already holds
     /// a filter; leftovers of an interrupted attach (pins without the marker,
-    /// a TC filter without pins) are removed. TCP is dropped (`drop_no_listener`) until
-    /// [`Filter::set_listeners`] registers the proxy.
+    /// a TC filter without pins, a claimed slot) are removed. TCP is dropped
+    /// (`drop_no_listener`) until [`Filter::set_listeners`] registers the
+    /// proxy.
     pub fn attach(
         pin_dir: &Path,
         netns: &Path,
@@ -97,37 +112,61 @@ impl Filter {
         let mut net_abi = net.to_abi()?;
         let floor = floor.compile()?;
         let policy = policy.normalized()?;
-        net_abi.ifindex =
-            in_netns(netns, || nix::net::if_::if_nametoindex(ifname))?.map_err(|e| {
-                EbpfError::Io {
-                    what: format!("no interface {ifname} in {}", netns.display()),
-                    source: e.into(),
-                }
-            })?;
+        let (ifindex, cookie) = in_netns(netns, || {
+            let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(io::Error::from);
+            (ifindex, sys::current_netns_cookie())
+        })?;
+        net_abi.ifindex = ifindex.map_err(|e| EbpfError::Io {
+            what: format!("no interface {ifname} in {}", netns.display()),
+            source: e,
+        })?;
+        net_abi.netns_cookie = cookie.map_err(EbpfError::io(format!(
+            "SO_NETNS_COOKIE in {}",
+            netns.display()
+        )))?;
         prepare_pin_dir(pin_dir)?;
+        let root = pin_dir.parent().unwrap_or(Path::new("/"));
+        let (shared, claim) = Shared::claim_under(root, net_abi.netns_cookie)?;
+        net_abi.epoch = claim.epoch;
+        let mut filter = Filter {
+            pin_dir: pin_dir.to_path_buf(),
+            shared,
+            marker: claim,
+            slot: claim.slot,
+            cookie: net_abi.netns_cookie,
+            entries: SlotEntries::default(),
+            site: Some(Site {
+                netns: netns.to_path_buf(),
+                ifindex: net_abi.ifindex,
+            }),
+            // Replaced by the attach below; a descriptor is needed first.
+            lookup_link: placeholder_fd()?,
+            net: net.clone(),
+            floor,
+            policy,
+        };
         let attached = Attach {
             pin_dir,
             netns,
             ifname,
         }
-        .run(&net_abi, &floor, &policy);
+        .run(&mut filter, &net_abi);
         match attached {
-            Ok((tables, lookup_link)) => Ok(Filter {
-                pin_dir: pin_dir.to_path_buf(),
-                tables,
-                site: Some(Site {
-                    netns: netns.to_path_buf(),
-                    ifindex: net_abi.ifindex,
-                }),
-                lookup_link,
-                net: net.clone(),
-                floor,
-                policy,
-            }),
+            Ok(lookup_link) => {
+                filter.lookup_link = lookup_link;
+                Ok(filter)
+            }
             Err(e) => {
                 // The sk_lookup link dies with its descriptor once unpinned;
-                // the TC filter, if it got attached, is deleted.
+                // the TC filter, if it got attached, is deleted; the slot's
+                // keys go and it is released.
                 let _ = detach_tc(netns, net_abi.ifindex);
+                let _ = filter.shared.release(
+                    filter.marker,
+                    filter.cookie,
+                    &filter.entries,
+                    &Index::new(),
+                );
                 let _ = remove_pins(pin_dir);
                 Err(e)
             }
@@ -141,28 +180,59 @@ impl Filter {
         ensure_bpffs()?;
         // The marker: the TC filter was attached.
         open_link(&pin_dir.join(LINK_PIN))?;
-        let lookup_link = open_link(&pin_dir.join(LOOKUP_LINK_PIN))?;
-        let tables = Tables::open_pinned(pin_dir)?;
-        let net = tables.read_net()?;
-        if net.abi_version != abi::ABI_VERSION {
+        if pin_dir.join(names::NET).exists() {
+            // ABI 1 pinned a set of maps per sandbox.
             return Err(EbpfError::AbiMismatch {
-                found: net.abi_version,
+                found: 1,
                 expected: abi::ABI_VERSION,
             });
         }
-        let live = tables.read_generation(tables.active()?)?;
+        let Some((shared, marker)) = Shared::of_pin_dir(pin_dir)? else {
+            return Err(EbpfError::Missing {
+                what: format!("slot marker in {}", pin_dir.display()),
+            });
+        };
+        let slot = marker.slot;
+        let lookup_link = open_link(&pin_dir.join(LOOKUP_LINK_PIN))?;
+        let index = shared.index_take(slot)?;
+        let (net, floor, policy, entries) = {
+            let t = lock(&shared.tables);
+            let net = t.read_net(slot)?;
+            if net.abi_version != abi::ABI_VERSION {
+                return Err(EbpfError::AbiMismatch {
+                    found: net.abi_version,
+                    expected: abi::ABI_VERSION,
+                });
+            }
+            if net.epoch != marker.epoch {
+                return Err(EbpfError::Corrupt(format!(
+                    "{} names slot {slot} epoch {}, the slot is at epoch {}",
+                    pin_dir.display(),
+                    marker.epoch,
+                    net.epoch
+                )));
+            }
+            let (floor, policy, entries) = maps::read_back(&t, slot, &index)?;
+            (net, floor, policy, entries)
+        };
+        shared.events.open(slot, net.netns_cookie);
+        shared.hold(net.netns_cookie, marker);
         let site = netns_of_link(lookup_link.as_fd())?.map(|netns| Site {
             netns,
             ifindex: net.ifindex,
         });
         Ok(Filter {
             pin_dir: pin_dir.to_path_buf(),
-            tables,
+            shared,
+            marker,
+            slot,
+            cookie: net.netns_cookie,
+            entries,
             site,
             lookup_link,
             net: SandboxNet::from_abi(&net),
-            floor: live.floor,
-            policy: live.policy,
+            floor,
+            policy,
         })
     }
 
@@ -176,7 +246,8 @@ impl Filter {
     /// packet is judged by the old one any more.
     pub fn set_policy(&mut self, policy: &EgressPolicy) -> Result<(), EbpfError> {
         let policy = policy.normalized()?;
-        self.tables.publish(&self.floor, &policy)?;
+        let floor = self.floor.clone();
+        self.publish(&floor, &policy)?;
         self.policy = policy;
         Ok(())
     }
@@ -186,7 +257,7 @@ impl Filter {
     pub fn replace(&mut self, floor: &FloorSet, policy: &EgressPolicy) -> Result<(), EbpfError> {
         let floor = floor.compile()?;
         let policy = policy.normalized()?;
-        self.tables.publish(&floor, &policy)?;
+        self.publish(&floor, &policy)?;
         self.floor = floor;
         self.policy = policy;
         Ok(())
@@ -195,38 +266,58 @@ impl Filter {
     /// Replaces the floor atomically, like [`Filter::set_policy`].
     pub fn set_floor(&mut self, floor: &FloorSet) -> Result<(), EbpfError> {
         let floor = floor.compile()?;
-        self.tables.publish(&floor, &self.policy)?;
+        let policy = self.policy.clone();
+        self.publish(&floor, &policy)?;
         self.floor = floor;
         Ok(())
     }
 
+    fn publish(&mut self, floor: &CompiledFloor, policy: &EgressPolicy) -> Result<(), EbpfError> {
+        maps::publish(
+            &self.shared.tables,
+            &self.shared.sync,
+            self.slot,
+            &mut self.entries,
+            floor,
+            policy,
+        )
+    }
+
     /// Registers the proxy's transparent listeners (sockets in the router
     /// namespace, listening, with `IP_TRANSPARENT`). `v6: None` clears the
-    /// IPv6 slot. A listener that closes leaves the map by itself, and TCP is
-    /// then dropped (fail closed).
+    /// IPv6 entry. A listener that closes leaves the map by itself, and TCP
+    /// is then dropped (fail closed).
     pub fn set_listeners(
         &mut self,
         v4: BorrowedFd<'_>,
         v6: Option<BorrowedFd<'_>>,
     ) -> Result<(), EbpfError> {
-        self.tables.set_listener(abi::LISTENER_V4, Some(v4))?;
-        self.tables.set_listener(abi::LISTENER_V6, v6)
+        let mut t = lock(&self.shared.tables);
+        t.set_listener(self.slot, abi::LISTENER_V4, Some(v4))?;
+        t.set_listener(self.slot, abi::LISTENER_V6, v6)
     }
 
     /// Unregisters both listeners (TCP is dropped from now on).
     pub fn clear_listeners(&mut self) -> Result<(), EbpfError> {
-        self.tables.set_listener(abi::LISTENER_V4, None)?;
-        self.tables.set_listener(abi::LISTENER_V6, None)
+        let mut t = lock(&self.shared.tables);
+        t.set_listener(self.slot, abi::LISTENER_V4, None)?;
+        t.set_listener(self.slot, abi::LISTENER_V6, None)
     }
 
-    /// Packets per verdict since attach, summed over CPUs.
+    /// Packets per verdict since attach.
     pub fn counters(&self) -> Result<Counters, EbpfError> {
-        self.tables.counters()
+        let mut c = lock(&self.shared.tables).counters(self.slot)?;
+        c.events_lost += self.shared.events.lost(self.slot, self.cookie);
+        Ok(c)
     }
 
     /// A reader of the drop events (one reader per filter at a time).
     pub fn event_reader(&self) -> Result<EventReader, EbpfError> {
-        EventReader::new(self.tables.events_fd()?)
+        Ok(EventReader::new(
+            self.shared.events.clone(),
+            self.slot,
+            self.cookie,
+        ))
     }
 
     /// The live policy (normalised: host bits cleared, sorted).
@@ -250,32 +341,46 @@ impl Filter {
         &self.pin_dir
     }
 
-    /// Detaches both programs (the TC filter and the netns link) and
-    /// removes every pin; programs and maps are freed once the last
-    /// descriptor closes. A router namespace that is already gone took the
-    /// filter with it.
+    /// The sandbox's slot in the shared maps.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Detaches both programs (the TC filter and the netns link), deletes
+    /// every key of the sandbox's slot and releases it, and removes every
+    /// pin. A router namespace that is already gone took the filter with it.
     pub fn detach(self) -> Result<(), EbpfError> {
         if let Some(site) = &self.site {
             detach_tc(&site.netns, site.ifindex)?;
         }
         sys::link_detach(self.lookup_link.as_fd())
             .map_err(EbpfError::io("BPF_LINK_DETACH (sk_lookup)"))?;
+        self.shared
+            .release(self.marker, self.cookie, &self.entries, &Index::new())?;
         remove_pins(&self.pin_dir)
     }
 
     /// [`Filter::detach`] without an open filter: detaches what the pins
-    /// name (if anything) and removes every pin and the directory.
-    /// Idempotent; a missing directory is fine.
+    /// name (if anything), frees the slot they name, and removes every pin
+    /// and the directory. Idempotent; a missing directory is fine.
     pub fn remove(pin_dir: &Path) -> Result<(), EbpfError> {
+        let shared = match Shared::of_pin_dir(pin_dir) {
+            Ok(s) => s,
+            // The shared pins are gone: nothing of the slot is left to free.
+            Err(EbpfError::Missing { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        // The slot the marker names, if it is still that owner's.
+        let net = match &shared {
+            Some((s, m)) => Some(lock(&s.tables).read_net(m.slot)?).filter(|n| n.epoch == m.epoch),
+            None => None,
+        };
         let lookup = pin_dir.join(LOOKUP_LINK_PIN);
         match sys::obj_get(&lookup) {
             Ok(link) => {
                 let netns = netns_of_link(link.as_fd())?;
-                let ifindex = Tables::open_pinned(pin_dir)
-                    .and_then(|t| t.read_net())
-                    .map(|n| n.ifindex);
-                if let (Some(netns), Ok(ifindex)) = (netns, ifindex) {
-                    detach_tc(&netns, ifindex)?;
+                if let (Some(netns), Some(net)) = (netns, &net) {
+                    detach_tc(&netns, net.ifindex)?;
                 }
                 sys::link_detach(link.as_fd()).map_err(EbpfError::io(format!(
                     "BPF_LINK_DETACH {}",
@@ -285,8 +390,31 @@ impl Filter {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(EbpfError::io(format!("opening {}", lookup.display()))(e)),
         }
+        if let (Some((s, m)), Some(net)) = (&shared, &net) {
+            let extra = s.scan_slot(m.slot)?;
+            s.release(*m, net.netns_cookie, &SlotEntries::default(), &extra)?;
+        }
         remove_pins(pin_dir)
     }
+}
+
+/// Every slot number, for the loader's global `tg_slot` (it keeps a
+/// reference for its own lifetime, the process's).
+static SLOT_VALUES: [u32; abi::SLOTS as usize] = {
+    let mut v = [0u32; abi::SLOTS as usize];
+    let mut i = 0;
+    while i < v.len() {
+        v[i] = i as u32;
+        i += 1;
+    }
+    v
+};
+
+/// A descriptor to hold a place until the real one exists.
+fn placeholder_fd() -> Result<OwnedFd, EbpfError> {
+    File::open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(EbpfError::io("opening /dev/null"))
 }
 
 /// Where a filter's TC program is attached.
@@ -358,8 +486,8 @@ fn netns_of_link(link: BorrowedFd<'_>) -> Result<Option<PathBuf>, EbpfError> {
 /// Where `ip netns` (and tollgate) name network namespaces.
 const NETNS_DIR: &str = "/run/netns";
 
-/// The steps of [`Filter::attach`] after validation; on error the caller
-/// removes whatever was pinned.
+/// The steps of [`Filter::attach`] after the slot is claimed; on error the
+/// caller detaches, releases the slot and removes whatever was pinned.
 struct Attach<'a> {
     pin_dir: &'a Path,
     netns: &'a Path,
@@ -367,30 +495,37 @@ struct Attach<'a> {
 }
 
 impl Attach<'_> {
-    fn run(
-        &self,
-        net: &abi::NetConfig,
-        floor: &CompiledFloor,
-        policy: &EgressPolicy,
-    ) -> Result<(Tables, OwnedFd), EbpfError> {
+    fn run(&self, f: &mut Filter, net: &abi::NetConfig) -> Result<OwnedFd, EbpfError> {
         let Self {
             pin_dir,
             netns,
             ifname,
         } = *self;
+        let shared = f.shared.clone();
+        let slot = f.slot;
+        let marker = pin_dir.join(shared::marker_name(f.marker, &shared.instance));
+        std::fs::create_dir(&marker)
+            .map_err(EbpfError::io(format!("creating {}", marker.display())))?;
 
-        // Fresh maps, filled before anything is attached.
-        let mut egress = load_egress_object()?;
-        let mut tables = Tables::take(&mut egress)?;
-        tables.write_net(net)?;
-        tables.fill_fresh(floor, policy)?;
-        tables.pin(pin_dir)?;
+        // The slot's keys, written before anything routes packets to it.
+        {
+            let mut t = lock(&shared.tables);
+            t.write_net(slot, net)?;
+            t.zero_counters(slot)?;
+            for which in [abi::LISTENER_V4, abi::LISTENER_V6] {
+                t.set_listener(slot, which, None)?;
+            }
+            maps::fill_fresh(&mut t, slot, &mut f.entries, &f.floor, &f.policy)?;
+        }
+        shared.events.open(slot, f.cookie);
 
-        // sk_lookup in the router namespace; it shares tg_net and
+        // sk_lookup in the router namespace: a small program of its own
+        // (it cannot learn its namespace), reading the shared tg_net and
         // tg_listeners through their pins.
         let mut lookup = with_loader(&LOADERS.lookup, |l| {
-            l.map_pin_path(names::NET, pin_dir.join(names::NET))
-                .map_pin_path(names::LISTENERS, pin_dir.join(names::LISTENERS))
+            l.override_global("tg_slot", &SLOT_VALUES[slot as usize], true)
+                .map_pin_path(names::NET, shared.dir.join(names::NET))
+                .map_pin_path(names::LISTENERS, shared.dir.join(names::LISTENERS))
                 .load(LOOKUP_OBJECT)
         })?;
         let prog: &mut SkLookup = program(&mut lookup, abi::LOOKUP_PROGRAM)?;
@@ -407,13 +542,11 @@ impl Attach<'_> {
             .into();
         let lookup_link = pin_link(link, &pin_dir.join(LOOKUP_LINK_PIN))?;
 
-        // The TC program, the first cls_bpf filter at ingress, attached
-        // from a thread inside the router namespace (ifindex is
+        // The shared TC program, the first cls_bpf filter at ingress,
+        // attached from a thread inside the router namespace (ifindex is
         // namespace-relative).
-        let prog: &mut SchedClassifier = program(&mut egress, abi::EGRESS_PROGRAM)?;
-        prog.load().map_err(prog_err("load tc"))?;
-        pin_prog(pin_dir.join(PROG_PIN), |p| prog.pin(p))?;
         let step = format!("attach to {ifname} in {}", netns.display());
+        let classid = abi::classid(net.epoch, slot);
         in_netns(netns, || {
             // A filter at tollgate's priority and handle while the pin
             // directory was not complete is a leftover of an interrupted
@@ -426,34 +559,33 @@ impl Attach<'_> {
                 Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => return Err(ProgramError::from(e)),
             }
-            let id = prog.attach_with_options(
-                ifname,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: TC_PRIORITY,
-                    handle: TcHandle::from(TC_HANDLE),
-                    ..NlOptions::default()
-                }),
-            )?;
-            // The filter belongs to the interface from now on: dropping
-            // aya's handle would delete it, so the handle is let go
-            // (it holds no descriptor, only the interface, priority and
-            // handle that `detach_tc` uses).
-            std::mem::forget(prog.take_link(id)?);
-            Ok(())
+            // The filter names the slot in its classid; it belongs to the
+            // interface from now on.
+            netlink::add_bpf_filter(&netlink::BpfFilter {
+                ifindex: net.ifindex,
+                prog: shared.prog.as_fd(),
+                name: abi::EGRESS_PROGRAM,
+                priority: TC_PRIORITY,
+                handle: TC_HANDLE,
+                classid,
+            })
+            .map_err(|e| ProgramError::from(TcError::IoError(e)))
         })?
         .map_err(prog_err(&step))?;
         // Written last: the "attached" marker.
-        pin_prog(pin_dir.join(LINK_PIN), |p| prog.pin(p))?;
-        Ok((tables, lookup_link))
+        let marker = pin_dir.join(LINK_PIN);
+        sys::obj_pin(shared.prog.as_fd(), &marker)
+            .map_err(EbpfError::io(format!("pinning {}", marker.display())))?;
+        Ok(lookup_link)
     }
 }
 
 /// The process's loaders, one per object. `EbpfLoader::new` parses the
 /// kernel's BTF (`/sys/kernel/btf/vmlinux`, 10–20 ms) every time; a loader
-/// reused for every attach parses it once. The sk_lookup loader's only
-/// per-load settings are the pin paths of `tg_net` and `tg_listeners`, which
-/// every load overwrites, so nothing of one sandbox reaches the next.
+/// reused for every load parses it once. The sk_lookup loader's only
+/// per-load settings are its slot and the pin paths of `tg_net` and
+/// `tg_listeners`, which every load overwrites, so nothing of one sandbox
+/// reaches the next.
 struct Loaders {
     egress: std::sync::Mutex<EbpfLoader<'static>>,
     lookup: std::sync::Mutex<EbpfLoader<'static>>,
@@ -477,7 +609,7 @@ fn with_loader(
     Ok(f(&mut guard)?)
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError>
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError>
 where
     &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
 {
@@ -523,19 +655,21 @@ fn open_link(path: &Path) -> Result<OwnedFd, EbpfError> {
     }
 }
 
-/// Creates `dir`, refusing one with a link pin and clearing leftovers.
+/// Creates `dir`, refusing one with a link pin and clearing leftovers (a
+/// slot an interrupted attach claimed is freed).
 fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     if dir.join(LINK_PIN).exists() {
         return Err(EbpfError::AlreadyAttached(dir.to_path_buf()));
     }
     if dir.exists() {
-        remove_pins(dir)?;
+        Filter::remove(dir)?;
     }
     std::fs::create_dir_all(dir).map_err(EbpfError::io(format!("creating {}", dir.display())))
 }
 
-/// Unlinks the pins this crate writes (link first), then the directory if
-/// it is empty. Missing files are fine.
+/// Unlinks the pins this crate writes (link first; the per-sandbox maps of
+/// ABI 1 too) and the slot marker, then the directory if it is empty.
+/// Missing files are fine.
 fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
     let files = [LINK_PIN, LOOKUP_LINK_PIN, PROG_PIN, LOOKUP_PROG_PIN]
         .into_iter()
@@ -546,6 +680,19 @@ fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(EbpfError::io(format!("removing {}", path.display()))(e)),
+        }
+    }
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(shared::SLOT_PREFIX))
+        {
+            let path = e.path();
+            match std::fs::remove_dir(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EbpfError::io(format!("removing {}", path.display()))(e)),
+            }
         }
     }
     match std::fs::remove_dir(dir) {

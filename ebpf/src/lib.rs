@@ -3,6 +3,13 @@
 //! `allow_cidrs`, steers TCP to the sandbox's proxy with `bpf_sk_assign`,
 //! and counts and reports every drop.
 //!
+//! The TC program is loaded and verified once per pin root and instance
+//! (the daemon): every sandbox's filter is the same program, and a sandbox is
+//! a slot in its shared maps, found per packet from the cookie of the router
+//! namespace the packet arrived in. Attaching a sandbox is map writes, one
+//! small sk_lookup program and a `cls_bpf` filter add; detaching deletes its
+//! keys (see [`shared_keys`]).
+//!
 //! - [`Filter`]: attach / reopen after a restart / update / detach.
 //! - [`SandboxNet`], [`EgressPolicy`], [`FloorSet`]: what it enforces.
 //! - [`Counters`], [`DropEvent`], [`EventReader`]: what it saw.
@@ -17,12 +24,14 @@
 //! # Atomic updates
 //!
 //! Everything a verdict depends on besides the link's addresses — the mode
-//! (`tg_config[gen]`), the floor and private prefixes and allow_cidrs (LPM
-//! keys `{prefixlen, gen, addr}` whose prefix length counts the 32
-//! generation bits) — exists in two generations, and `tg_active[0]` names the
-//! live one. The program reads `tg_active` once per packet and does every
-//! lookup with that value, so a packet is judged by one generation only. An
-//! update ([`Filter::set_policy`], [`Filter::set_floor`], [`Filter::replace`]):
+//! (`tg_config[slot * 2 + gen]`), the floor and private prefixes and
+//! allow_cidrs (LPM keys `{prefixlen, tag, addr}` with `tag = slot * 2 + gen`,
+//! whose prefix length counts the 32 tag bits) — exists in two generations
+//! per slot, and `tg_active[slot]` names the live one. The program reads it
+//! once per packet and does every lookup with that value, so a packet is
+//! judged by one generation only. An update ([`Filter::set_policy`],
+//! [`Filter::set_floor`], [`Filter::replace`]), which touches its own slot's
+//! keys only:
 //!
 //! 1. deletes whatever the inactive generation holds (leftovers of an update
 //!    that was interrupted), then writes the new floor, allow_cidrs and mode
@@ -53,11 +62,14 @@ mod error;
 mod events;
 mod filter;
 mod maps;
+mod netlink;
 mod policy;
+mod shared;
 mod splice;
 mod sys;
 mod verdict;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use error::EbpfError;
@@ -118,4 +130,60 @@ fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
         .unwrap_or(false)
+}
+
+/// Names the daemon instance whose shared program later attaches use
+/// (default: `pid<pid>`, one per process). A daemon passes a name that is
+/// stable across its restarts (e.g. derived from its state directory), so a
+/// restart reopens the same shared program and maps; two daemons on one
+/// host use different names and never consume each other's events.
+/// 1-64 characters of `[A-Za-z0-9_-]`.
+pub fn set_instance(name: &str) -> Result<(), EbpfError> {
+    shared::set_instance(name)
+}
+
+/// The instance name attaches use now.
+pub fn instance() -> String {
+    shared::instance()
+}
+
+/// What the shared maps of this instance under a pin root hold: every key
+/// a slot leaves behind if its sandbox's detach forgot one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SharedKeys {
+    /// Claimed slots (`tg_owner`).
+    pub owners: Vec<u32>,
+    /// Slots with a link (`tg_net` with an ABI version; a free slot keeps
+    /// only its epoch).
+    pub nets: Vec<u32>,
+    /// Trie entries per slot (all four tries, both generations).
+    pub trie_entries: BTreeMap<u32, usize>,
+    /// Packets the program dropped because no slot claimed them.
+    pub unclaimed_packets: u64,
+}
+
+/// The keys of this process's instance's shared maps under `root`, or None
+/// when there are none (no sandbox holds a slot: the pins are gone).
+pub fn shared_keys(root: &Path) -> Result<Option<SharedKeys>, EbpfError> {
+    let dir = root.join(format!("{}{}", shared::SHARED_PREFIX, instance()));
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let t = maps::Tables::open_pinned(&dir)?;
+    let mut keys = SharedKeys {
+        owners: t.owners()?.into_iter().map(|(s, _)| s).collect(),
+        unclaimed_packets: t.unclaimed()?,
+        ..SharedKeys::default()
+    };
+    keys.owners.sort_unstable();
+    for slot in 0..abi::SLOTS {
+        if t.read_net(slot)?.abi_version != 0 {
+            keys.nets.push(slot);
+        }
+    }
+    for (tag, e) in t.scan()? {
+        let n = e.floor.v4.len() + e.floor.v6.len() + e.allow_v4.len() + e.allow_v6.len();
+        *keys.trie_entries.entry(tag / abi::GENERATIONS).or_default() += n;
+    }
+    Ok(Some(keys))
 }

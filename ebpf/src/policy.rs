@@ -92,7 +92,8 @@ impl SandboxNet {
             guest_v6,
             gateway_v6,
             ifindex: 0,
-            reserved: 0,
+            epoch: 0,
+            netns_cookie: 0,
         })
     }
 

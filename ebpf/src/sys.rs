@@ -1,7 +1,7 @@
 //! The crate's only `unsafe`: `aya::Pod` for the ABI structs and the
 //! bpf(2) commands aya does not expose for links (`BPF_OBJ_GET` returning a
 //! plain descriptor, `BPF_LINK_DETACH`, a netns link's namespace from
-//! `BPF_OBJ_GET_INFO_BY_FD`), and registering the event reader with tokio.
+//! `BPF_OBJ_GET_INFO_BY_FD`), socket options and poll(2).
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -10,11 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
-
-use crate::abi::{Config, LpmV4, LpmV6, NetConfig, RawEvent, SpliceEnd};
-use crate::events::EventReader;
+use crate::abi::{Config, LpmV4, LpmV6, NetConfig, Owner, RawEvent, SpliceEnd};
 
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte
 // arrays with no padding (sizes asserted in abi.rs), so every bit pattern is
@@ -22,6 +18,8 @@ use crate::events::EventReader;
 unsafe impl aya::Pod for NetConfig {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Owner {}
 // SAFETY: as above.
 unsafe impl aya::Pod for LpmV4 {}
 // SAFETY: as above.
@@ -31,6 +29,8 @@ unsafe impl aya::Pod for RawEvent {}
 // SAFETY: as above.
 unsafe impl aya::Pod for SpliceEnd {}
 
+/// `BPF_OBJ_PIN` from `enum bpf_cmd`.
+const BPF_OBJ_PIN: libc::c_long = 6;
 /// `BPF_OBJ_GET` from `enum bpf_cmd`.
 const BPF_OBJ_GET: libc::c_long = 7;
 /// `BPF_LINK_DETACH` from `enum bpf_cmd`.
@@ -120,6 +120,21 @@ pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(rc as libc::c_int) })
 }
 
+/// Pins the BPF object `fd` at `path` (one more reference to it).
+pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a pin path"))?;
+    let attr = ObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: `ObjAttr` is BPF_OBJ_PIN's layout; `pathname` points at a
+    // NUL-terminated string that outlives the call; no user memory is
+    // written.
+    unsafe { bpf(BPF_OBJ_PIN, &attr) }.map(|_| ())
+}
+
 /// Detaches a BPF link from its hook even while other descriptors or pins
 /// still reference it (they then hold a defunct link).
 pub(crate) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
@@ -161,13 +176,60 @@ pub(crate) fn netns_link_ino(link: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(info.netns_ino)
 }
 
-/// Registers `reader` with the tokio reactor (must run inside a runtime).
-pub(crate) fn register_async(reader: EventReader) -> io::Result<AsyncFd<EventReader>> {
-    // SAFETY: `EventReader` owns its ring-buffer descriptor (an `OwnedFd`
-    // inside aya's `MapData`), never replaces it, and `as_raw_fd` always
-    // returns it; the `AsyncFd` owns the reader, so the descriptor stays open
-    // and the same for the registration's whole lifetime.
-    unsafe { AsyncFd::register_with_interest(reader, Interest::READABLE) }.map_err(io::Error::from)
+/// Waits up to `timeout_ms` for `fd` to become readable (poll(2)); true
+/// when it is.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live, exclusively borrowed pollfd, and nfds = 1.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    match rc {
+        r if r < 0 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
+/// `SO_NETNS_COOKIE` (asm-generic/socket.h): the cookie of the socket's
+/// network namespace.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace.
+pub(crate) fn current_netns_cookie() -> io::Result<u64> {
+    let s = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+    // SAFETY: SO_NETNS_COOKIE writes one u64.
+    unsafe {
+        getsockopt_pod(
+            std::os::fd::AsFd::as_fd(&s),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            0u64,
+        )
+    }
+}
+
+/// Is process `pid` alive (kill(pid, 0) does not answer ESRCH)?
+pub(crate) fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
 }
 
 /// `SO_COOKIE` (asm-generic/socket.h): the socket's 64-bit cookie, the key

@@ -221,6 +221,8 @@ mod tests {
     #[test]
     fn event_decodes() {
         let raw = abi::RawEvent {
+            netns_cookie: 4100,
+            slot: 7,
             reason: Reason::DropFloor as u32,
             ethertype: 0x0800,
             family: 4,
@@ -231,6 +233,8 @@ mod tests {
             src: [10, 0, 2, 15, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         };
         let mut b = Vec::new();
+        b.extend_from_slice(&raw.netns_cookie.to_ne_bytes());
+        b.extend_from_slice(&raw.slot.to_ne_bytes());
         b.extend_from_slice(&raw.reason.to_ne_bytes());
         b.extend_from_slice(&raw.ethertype.to_ne_bytes());
         b.push(raw.family);
@@ -239,11 +243,12 @@ mod tests {
         b.extend_from_slice(&raw.sport.to_ne_bytes());
         b.extend_from_slice(&raw.dst);
         b.extend_from_slice(&raw.src);
+        assert_eq!(abi::RawEvent::from_bytes(&b), Some(raw));
         let e = DropEvent::from_bytes(&b).expect("decodes");
         assert_eq!(e.reason, Reason::DropFloor);
         assert_eq!(e.dst, Some("169.254.169.254".parse().expect("ip")));
         assert_eq!(e.src, Some("10.0.2.15".parse().expect("ip")));
         assert_eq!((e.proto, e.dport, e.sport), (17, 53, 40000));
-        assert!(DropEvent::from_bytes(&b[..43]).is_none());
+        assert!(DropEvent::from_bytes(&b[..55]).is_none());
     }
 }

@@ -658,6 +658,32 @@ impl Topo {
     }
 }
 
+impl Topo {
+    /// Kernel ids of the BPF programs on the router's tgs0 at ingress and
+    /// the filters' classids (`tc filter show`: `... flowid M:N ... id <id>`).
+    fn ingress_ids(&self) -> Vec<(String, u32)> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", ns_path(&self.rtr).display()))
+            .args(["tc", "filter", "show", "dev", "tgs0", "ingress"])
+            .output()
+            .expect("run tc filter show");
+        assert!(out.status.success(), "tc filter show: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(" bpf ") && l.contains("direct-action"))
+            .filter_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let after = |key: &str| {
+                    let at = words.iter().position(|w| *w == key)?;
+                    words.get(at + 1).map(|w| (*w).to_string())
+                };
+                let id = after("id")?.parse().ok()?;
+                Some((after("flowid").unwrap_or_default(), id))
+            })
+            .collect()
+    }
+}
+
 impl Drop for Topo {
     fn drop(&mut self) {
         if let Err(e) = Filter::remove(&self.pin_dir) {
@@ -1516,13 +1542,26 @@ fn pinned_filter_survives_restart_and_detaches() {
     let policy = EgressPolicy::new(Mode::Custom).with_allow([net("198.51.100.10/32")]);
     let f = t.attach(&policy);
     let counted = f.counters().expect("counters");
-    drop(f); // the daemon exits
 
+    // The sandbox's own pins, and the shared program and maps it is a slot of.
+    let slot = f.slot();
+    drop(f); // the daemon exits
+    for name in ["link", "lookup_link", "lookup_prog"] {
+        assert!(t.pin_dir.join(name).exists(), "{name} is pinned");
+    }
+    // The slot marker: tg_slot_<slot>_<epoch>_<instance>.
+    let marker: Vec<String> = std::fs::read_dir(&t.pin_dir)
+        .expect("pin dir")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("tg_slot_{slot}_")))
+        .collect();
+    assert_eq!(marker.len(), 1, "{marker:?}");
+    assert!(marker[0].ends_with(&format!("_{}", tollgate_ebpf::instance())));
+    let shared = Path::new(PIN_TEST_ROOT).join(format!("_shared-{}", tollgate_ebpf::instance()));
     for name in [
-        "link",
         "prog",
-        "lookup_link",
-        "lookup_prog",
+        "tg_owner",
         "tg_net",
         "tg_active",
         "tg_floor_v4",
@@ -1530,7 +1569,7 @@ fn pinned_filter_survives_restart_and_detaches() {
         "tg_listeners",
         "tg_events",
     ] {
-        assert!(t.pin_dir.join(name).exists(), "{name} is pinned");
+        assert!(shared.join(name).exists(), "shared {name} is pinned");
     }
     assert_eq!(t.ingress_programs(), ["tg_egress"]);
     t.udp(v4(PUB4, 7301), b"allowed");
@@ -1578,6 +1617,8 @@ fn pinned_filter_survives_restart_and_detaches() {
     f.detach().expect("detach");
     assert!(!t.pin_dir.exists(), "pins left behind");
     assert!(t.ingress_programs().is_empty(), "program still attached");
+    // The last slot's release takes the shared pins (tests run one at a time).
+    assert!(!shared.exists(), "shared pins left behind");
     assert!(matches!(
         Filter::open_pinned(&t.pin_dir),
         Err(tollgate_ebpf::EbpfError::Missing { .. })
@@ -1923,4 +1964,161 @@ fn attach_replaces_a_leftover_filter_without_pins() {
         .saw(|p| p.dport == 7501)));
     f.detach().expect("detach");
     assert!(t.ingress_programs().is_empty());
+}
+
+/// Two sandboxes on the one shared program — same guest address, same
+/// interface name, different policies — are judged each by its own policy
+/// only: each canary sees only what its own policy allows, and each
+/// sandbox's counters and events count only its own packets.
+#[test]
+fn two_sandboxes_on_the_one_program_never_see_each_others_verdicts() {
+    require_root();
+    let _g = serial();
+    let a = Topo::new(false);
+    let b = Topo::new(false);
+    let fa = a.attach(&EgressPolicy::new(Mode::Custom).with_allow([net("198.51.100.10/32")]));
+    let fb = b.attach(&EgressPolicy::new(Mode::Custom).with_allow([net("198.51.100.11/32")]));
+    assert_ne!(fa.slot(), fb.slot());
+    let (ia, ib) = (a.ingress_ids(), b.ingress_ids());
+    assert_eq!(ia.len(), 1, "{ia:?}");
+    assert_eq!(ib.len(), 1, "{ib:?}");
+    assert_eq!(
+        ia[0].1, ib[0].1,
+        "one loaded program for both: {ia:?} {ib:?}"
+    );
+    assert_ne!(
+        ia[0].0, ib[0].0,
+        "each filter names its own slot: {ia:?} {ib:?}"
+    );
+
+    let mut ra = fa.event_reader().expect("events a");
+    let mut rb = fb.event_reader().expect("events b");
+    std::thread::sleep(SETTLE);
+    ra.drain();
+    rb.drain();
+    let (ca, cb) = (fa.counters().expect("a"), fb.counters().expect("b"));
+
+    // Each sends to both public addresses, 3 times each.
+    for _ in 0..3 {
+        a.udp(v4(PUB4, 7401), b"a to its own");
+        a.udp(v4(PUB4_B, 7402), b"a to b's");
+        b.udp(v4(PUB4, 7403), b"b to a's");
+        b.udp(v4(PUB4_B, 7404), b"b to its own");
+    }
+    assert!(wait_until(Duration::from_secs(3), || a
+        .canary
+        .saw(|p| p.dport == 7401)
+        && b.canary.saw(|p| p.dport == 7404)));
+    std::thread::sleep(SETTLE);
+    assert!(!a.canary.saw(|p| p.dport == 7402), "a passed by b's policy");
+    assert!(!b.canary.saw(|p| p.dport == 7403), "b passed by a's policy");
+
+    let (da, db) = (delta(&fa, &ca), delta(&fb, &cb));
+    assert_eq!(da.get(Reason::PassCidr), 3, "{da:?}");
+    assert_eq!(da.get(Reason::DropNotAllowed), 3, "{da:?}");
+    assert_eq!(db.get(Reason::PassCidr), 3, "{db:?}");
+    assert_eq!(db.get(Reason::DropNotAllowed), 3, "{db:?}");
+    // UDP only: the sandboxes' own IPv6 housekeeping (MLD) is dropped too.
+    let udp = |v: Vec<DropEvent>| v.into_iter().filter(|e| e.proto == 17).collect::<Vec<_>>();
+    let ea = udp(drain_after(&mut ra, SETTLE));
+    let eb = udp(drain_after(&mut rb, SETTLE));
+    assert_eq!(
+        ea.iter().map(|e| e.dport).collect::<Vec<_>>(),
+        [7402, 7402, 7402],
+        "{ea:?}"
+    );
+    assert_eq!(
+        eb.iter().map(|e| e.dport).collect::<Vec<_>>(),
+        [7403, 7403, 7403],
+        "{eb:?}"
+    );
+
+    // A policy update of one leaves the other's verdicts alone.
+    let mut fa = fa;
+    fa.set_policy(&EgressPolicy::new(Mode::Custom).with_allow([net("198.51.100.11/32")]))
+        .expect("update a");
+    a.udp(v4(PUB4_B, 7405), b"a now allowed");
+    b.udp(v4(PUB4, 7406), b"b still denied");
+    assert!(wait_until(Duration::from_secs(3), || a
+        .canary
+        .saw(|p| p.dport == 7405)));
+    std::thread::sleep(SETTLE);
+    assert!(!b.canary.saw(|p| p.dport == 7406));
+    fa.detach().expect("detach a");
+    // b keeps enforcing after a is gone.
+    b.udp(v4(PUB4, 7407), b"b denied");
+    b.udp(v4(PUB4_B, 7408), b"b allowed");
+    assert!(wait_until(Duration::from_secs(3), || b
+        .canary
+        .saw(|p| p.dport == 7408)));
+    std::thread::sleep(SETTLE);
+    assert!(!b.canary.saw(|p| p.dport == 7407));
+    fb.detach().expect("detach b");
+}
+
+/// 1,000 attach/detach cycles of one sandbox, beside one that stays, leave
+/// no key of the cycled sandbox in the shared maps, and the one that stays
+/// keeps its keys and its verdicts.
+#[test]
+fn a_thousand_attach_detach_cycles_leave_no_key_behind() {
+    require_root();
+    let _g = serial();
+    let stay = Topo::new(false);
+    let cycled = Topo::new(false);
+    let root = Path::new(PIN_TEST_ROOT);
+    let fs = stay.attach(&EgressPolicy::new(Mode::Custom).with_allow([net("198.51.100.10/32")]));
+    let before = tollgate_ebpf::shared_keys(root)
+        .expect("keys")
+        .expect("shared maps exist");
+    assert_eq!(before.owners, [fs.slot()]);
+    assert_eq!(before.nets, [fs.slot()]);
+    let stay_entries = before.trie_entries.clone();
+    assert_eq!(
+        stay_entries.keys().copied().collect::<Vec<_>>(),
+        [fs.slot()]
+    );
+
+    let listener = in_ns(&cycled.rtr, || {
+        let l = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        l.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
+        l.bind(&SockAddr::from(v4(Ipv4Addr::LOCALHOST, 15011)))
+            .expect("bind");
+        l.listen(16).expect("listen");
+        l
+    });
+    let mut slots = BTreeSet::new();
+    for i in 0..1000u32 {
+        let policy = EgressPolicy::new(Mode::Custom).with_allow([
+            net(&format!("203.0.{}.0/24", i % 250)),
+            net("2001:db8::/48"),
+        ]);
+        let mut f = cycled.attach(&policy);
+        slots.insert(f.slot());
+        if i % 10 == 0 {
+            f.set_listeners(listener.as_fd(), None).expect("listeners");
+            f.set_policy(&EgressPolicy::allow_all()).expect("update");
+        }
+        f.detach().expect("detach");
+    }
+    assert!(
+        slots.len() > 1,
+        "slots are reused round the table: {slots:?}"
+    );
+    let after = tollgate_ebpf::shared_keys(root)
+        .expect("keys")
+        .expect("shared maps exist");
+    assert_eq!(after.owners, [fs.slot()], "{after:?}");
+    assert_eq!(after.nets, [fs.slot()], "{after:?}");
+    assert_eq!(after.trie_entries, stay_entries, "{after:?}");
+
+    // The sandbox that stayed still judges by its own policy.
+    stay.udp(v4(PUB4, 7501), b"allowed");
+    stay.udp(v4(PUB4_B, 7502), b"denied");
+    assert!(wait_until(Duration::from_secs(3), || stay
+        .canary
+        .saw(|p| p.dport == 7501)));
+    std::thread::sleep(SETTLE);
+    assert!(!stay.canary.saw(|p| p.dport == 7502));
+    fs.detach().expect("detach");
+    assert_eq!(tollgate_ebpf::shared_keys(root).expect("keys"), None);
 }

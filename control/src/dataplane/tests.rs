@@ -56,3 +56,18 @@ fn subtract_is_exact() {
         .iter()
         .all(|p| !p.contains(&hole) && !hole.contains(p)));
 }
+
+#[test]
+fn the_ebpf_instance_is_stable_per_state_dir_and_a_valid_name() {
+    let a = super::ebpf_instance(std::path::Path::new("/var/lib/tollgate"));
+    assert_eq!(
+        a,
+        super::ebpf_instance(std::path::Path::new("/var/lib/tollgate"))
+    );
+    assert_ne!(
+        a,
+        super::ebpf_instance(std::path::Path::new("/var/lib/tollgate-b"))
+    );
+    assert_eq!(a.len(), 17);
+    assert!(a.starts_with('d') && a[1..].bytes().all(|b| b.is_ascii_hexdigit()));
+}
