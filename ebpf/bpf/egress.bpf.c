@@ -163,16 +163,16 @@ struct {
 #define QUIC_PORT 443
 
 struct tg_pkt {
-	__u32 slot; /* TG_SLOTS until a slot claims the packet */
 	__u64 cookie; /* the slot owner's router namespace */
+	__u8 src[16]; /* 4-byte aligned: compared as __u32 words */
+	__u8 dst[16];
+	__u32 slot; /* TG_SLOTS until a slot claims the packet */
 	__u16 ethertype;
 	__u8 family; /* 4, 6, or 0 before L3 is known */
 	__u8 proto;
 	__u16 sport; /* host order; ICMP: code */
 	__u16 dport; /* host order; ICMP: type */
 	__u8 hop_limit;
-	__u8 src[16];
-	__u8 dst[16];
 };
 
 /* ---- helpers ------------------------------------------------------------- */
@@ -408,6 +408,19 @@ static __always_inline __u32 steer_tcp(struct __sk_buff *skb, const struct tg_pk
 	if (sk && sk->state == BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
 		sk = NULL;
+	}
+	if (sk && sk->state == BPF_TCP_TIME_WAIT) {
+		/* lookup.bpf.c answers the listener lookup that follows (for a
+		 * SYN): tell it whose packet this is. */
+		struct tg_tw_key key = {
+			.family = p->family,
+			.sport = p->sport,
+			.dport = p->dport,
+		};
+
+		__builtin_memcpy(key.saddr, p->src, 16);
+		__builtin_memcpy(key.daddr, p->dst, 16);
+		bpf_map_update_elem(&tg_tw_slot, &key, &p->slot, BPF_ANY);
 	}
 	if (!sk) {
 		sk = bpf_map_lookup_elem(&tg_listeners, &slot);

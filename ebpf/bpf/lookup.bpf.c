@@ -12,13 +12,17 @@
  * sandbox's link from the guest's address and are not for the gateway (DNS
  * over TCP keeps its own listener); everything else is left to the kernel.
  *
- * An sk_lookup program cannot learn its network namespace, so each sandbox
- * loads its own copy with its slot fixed at load time (tg_slot); it is
- * small, and the maps it reads are the shared ones.
+ * One loaded copy serves every sandbox (a netns link per router namespace).
+ * An sk_lookup program cannot learn its network namespace, so the sandbox's
+ * slot comes from egress.bpf.c, which saw the same SYN first and recorded
+ * its 4-tuple and slot in tg_tw_slot when it handed it to the TIME_WAIT
+ * socket. The slot's link must then match the lookup (interface, guest
+ * address), or nothing is assigned.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #include "tollgate.h"
 #include "shared_maps.h"
@@ -68,25 +72,54 @@ static __always_inline int listener_slot(const struct bpf_sk_lookup *ctx, const 
 	return -1;
 }
 
-/* This sandbox's slot, set by the loader. */
-volatile const __u32 tg_slot = 0;
-
 SEC("sk_lookup")
 int tg_lookup(struct bpf_sk_lookup *ctx)
 {
-	__u32 slot = tg_slot;
-	const struct tg_net *net = bpf_map_lookup_elem(&tg_net, &slot);
+	struct tg_tw_key key = {};
+	const struct tg_net *net;
 	struct bpf_sock *sk;
-	__u32 key;
+	__u32 *found;
+	__u32 slot, index;
 	int s;
 
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->family == AF_INET_) {
+		key.family = 4;
+		__builtin_memcpy(key.saddr, &ctx->remote_ip4, 4);
+		__builtin_memcpy(key.daddr, &ctx->local_ip4, 4);
+	} else if (ctx->family == AF_INET6_) {
+		__u32 a[4];
+
+		key.family = 6;
+		a[0] = ctx->remote_ip6[0];
+		a[1] = ctx->remote_ip6[1];
+		a[2] = ctx->remote_ip6[2];
+		a[3] = ctx->remote_ip6[3];
+		__builtin_memcpy(key.saddr, a, 16);
+		a[0] = ctx->local_ip6[0];
+		a[1] = ctx->local_ip6[1];
+		a[2] = ctx->local_ip6[2];
+		a[3] = ctx->local_ip6[3];
+		__builtin_memcpy(key.daddr, a, 16);
+	} else {
+		return SK_PASS;
+	}
+	key.sport = bpf_ntohs(ctx->remote_port);
+	key.dport = ctx->local_port;
+	found = bpf_map_lookup_elem(&tg_tw_slot, &key);
+	if (!found)
+		return SK_PASS;
+	slot = *found;
+	bpf_map_delete_elem(&tg_tw_slot, &key);
+	net = bpf_map_lookup_elem(&tg_net, &slot);
 	if (!net || net->abi_version != TG_ABI_VERSION)
 		return SK_PASS;
 	s = listener_slot(ctx, net);
 	if (s < 0)
 		return SK_PASS;
-	key = slot * TG_LISTENER_MAX + s;
-	sk = bpf_map_lookup_elem(&tg_listeners, &key);
+	index = slot * TG_LISTENER_MAX + s;
+	sk = bpf_map_lookup_elem(&tg_listeners, &index);
 	if (!sk)
 		return SK_PASS; /* no proxy: the kernel finds no listener either */
 	bpf_sk_assign(ctx, sk, 0);

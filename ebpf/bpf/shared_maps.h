@@ -31,4 +31,15 @@ struct {
 	__type(value, __u32);
 } tg_listeners SEC(".maps");
 
+/* A SYN that egress.bpf.c handed to a TIME_WAIT socket: its 4-tuple -> the
+ * sandbox's slot, for lookup.bpf.c, which runs for that SYN in the same
+ * router namespace but cannot tell which sandbox's it is. Entries are
+ * deleted when used; the LRU evicts any other. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TG_TW_MAX);
+	__type(key, struct tg_tw_key);
+	__type(value, __u32);
+} tg_tw_slot SEC(".maps");
+
 #endif /* TOLLGATE_SHARED_MAPS_H */

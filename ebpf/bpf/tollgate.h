@@ -135,6 +135,19 @@ struct tg_net {
 	__u64 netns_cookie;
 }; /* 64 bytes */
 
+/* Key of tg_tw_slot: a TCP 4-tuple as the guest sent it (ports in host
+ * order; IPv4 addresses in the first 4 bytes). */
+struct tg_tw_key {
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3]; /* 0 */
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+}; /* 40 bytes */
+
+#define TG_TW_MAX 16384
+
 /* tg_owner[slot]: who holds a slot. Claimed with BPF_NOEXIST (the claim is
  * atomic across processes) before anything of the slot is written; deleted
  * last, once every key of the slot is gone. */

@@ -110,14 +110,16 @@ pub mod names {
     pub const UNCLAIMED: &str = "tg_unclaimed";
     /// Ring buffer of drop events.
     pub const EVENTS: &str = "tg_events";
+    /// TIME_WAIT SYN 4-tuple → slot (for the sk_lookup program).
+    pub const TW_SLOT: &str = "tg_tw_slot";
     /// Map-in-map used only to wait for an RCU grace period.
     pub const SYNC: &str = "tg_sync";
     /// The inner map stored in [`SYNC`].
     pub const SYNC_INNER: &str = "tg_sync_inner";
     /// Every map, in pin order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         OWNER, NET, ACTIVE, CONFIG, FLOOR_V4, FLOOR_V6, ALLOW_V4, ALLOW_V6, LISTENERS, COUNTERS,
-        UNCLAIMED, EVENTS, SYNC, SYNC_INNER,
+        UNCLAIMED, EVENTS, TW_SLOT, SYNC, SYNC_INNER,
     ];
 }
 

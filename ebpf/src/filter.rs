@@ -5,8 +5,8 @@
 //! (see [`crate::shared`]); a sandbox is a slot in its maps. Pin layout of a
 //! sandbox's directory (e.g. `/sys/fs/bpf/tollgate/<id>/`): the slot marker
 //! `tg_slot_<slot>_<instance>` (an empty directory naming the slot and the
-//! shared object), the sandbox's sk_lookup program and its netns link as
-//! `lookup_prog` / `lookup_link`, and the shared TC program pinned once more
+//! shared object), the shared sk_lookup program's netns link as
+//! `lookup_link`, and the shared TC program pinned once more
 //! as `link`, written last, once its filter is attached: a directory with a
 //! `link` pin holds a complete, attached filter.
 //!
@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use aya::programs::links::{FdLink, Link};
 use aya::programs::tc::{SchedClassifierLink, TcError, TcHandle};
-use aya::programs::{Program, ProgramError, SkLookup, TcAttachType};
+use aya::programs::{Program, ProgramError, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, names};
@@ -50,7 +50,8 @@ pub const TC_HANDLE: u32 = 0x7467;
 pub const PROG_PIN: &str = "prog";
 /// File name of the sk_lookup (netns) link pin.
 pub const LOOKUP_LINK_PIN: &str = "lookup_link";
-/// File name of the sk_lookup program pin.
+/// File name of the sk_lookup program pin of the per-sandbox layout of
+/// ABI 1 (removed when found; the shared one is in the shared directory).
 pub const LOOKUP_PROG_PIN: &str = "lookup_prog";
 
 /// An attached egress filter. Dropping it leaves the program attached and
@@ -398,18 +399,6 @@ impl Filter {
     }
 }
 
-/// Every slot number, for the loader's global `tg_slot` (it keeps a
-/// reference for its own lifetime, the process's).
-static SLOT_VALUES: [u32; abi::SLOTS as usize] = {
-    let mut v = [0u32; abi::SLOTS as usize];
-    let mut i = 0;
-    while i < v.len() {
-        v[i] = i as u32;
-        i += 1;
-    }
-    v
-};
-
 /// A descriptor to hold a place until the real one exists.
 fn placeholder_fd() -> Result<OwnedFd, EbpfError> {
     File::open("/dev/null")
@@ -519,27 +508,18 @@ impl Attach<'_> {
         }
         shared.events.open(slot, f.cookie);
 
-        // sk_lookup in the router namespace: a small program of its own
-        // (it cannot learn its namespace), reading the shared tg_net and
-        // tg_listeners through their pins.
-        let mut lookup = with_loader(&LOADERS.lookup, |l| {
-            l.override_global("tg_slot", &SLOT_VALUES[slot as usize], true)
-                .map_pin_path(names::NET, shared.dir.join(names::NET))
-                .map_pin_path(names::LISTENERS, shared.dir.join(names::LISTENERS))
-                .load(LOOKUP_OBJECT)
-        })?;
-        let prog: &mut SkLookup = program(&mut lookup, abi::LOOKUP_PROGRAM)?;
-        prog.load().map_err(prog_err("load sk_lookup"))?;
-        pin_prog(pin_dir.join(LOOKUP_PROG_PIN), |p| prog.pin(p))?;
+        // The shared sk_lookup program in the router namespace.
         let ns = File::open(netns).map_err(|source| EbpfError::Netns {
             path: netns.to_path_buf(),
             source,
         })?;
-        let id = prog.attach(&ns).map_err(prog_err("attach sk_lookup"))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(prog_err("attach sk_lookup"))?
-            .into();
+        let link: FdLink = {
+            let mut prog = lock(&shared.lookup);
+            let id = prog.attach(&ns).map_err(prog_err("attach sk_lookup"))?;
+            prog.take_link(id)
+                .map_err(prog_err("attach sk_lookup"))?
+                .into()
+        };
         let lookup_link = pin_link(link, &pin_dir.join(LOOKUP_LINK_PIN))?;
 
         // The shared TC program, the first cls_bpf filter at ingress,
@@ -583,9 +563,8 @@ impl Attach<'_> {
 /// The process's loaders, one per object. `EbpfLoader::new` parses the
 /// kernel's BTF (`/sys/kernel/btf/vmlinux`, 10–20 ms) every time; a loader
 /// reused for every load parses it once. The sk_lookup loader's only
-/// per-load settings are its slot and the pin paths of `tg_net` and
-/// `tg_listeners`, which every load overwrites, so nothing of one sandbox
-/// reaches the next.
+/// per-load settings are the pin paths of the maps it shares, which every
+/// load overwrites.
 struct Loaders {
     egress: std::sync::Mutex<EbpfLoader<'static>>,
     lookup: std::sync::Mutex<EbpfLoader<'static>>,
@@ -599,6 +578,16 @@ static LOADERS: std::sync::LazyLock<Loaders> = std::sync::LazyLock::new(|| Loade
 /// The TC object with fresh maps.
 pub(crate) fn load_egress_object() -> Result<Ebpf, EbpfError> {
     with_loader(&LOADERS.egress, |l| l.load(EGRESS_OBJECT))
+}
+
+/// The sk_lookup object, its maps those pinned in `dir`.
+pub(crate) fn load_lookup_object(dir: &Path) -> Result<Ebpf, EbpfError> {
+    with_loader(&LOADERS.lookup, |l| {
+        for name in [names::NET, names::LISTENERS, names::TW_SLOT] {
+            l.map_pin_path(name, dir.join(name));
+        }
+        l.load(LOOKUP_OBJECT)
+    })
 }
 
 fn with_loader(
@@ -626,13 +615,6 @@ fn prog_err(step: &str) -> impl FnOnce(ProgramError) -> EbpfError + '_ {
         step: step.to_owned(),
         source,
     }
-}
-
-fn pin_prog(
-    path: PathBuf,
-    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
-) -> Result<(), EbpfError> {
-    pin(&path).map_err(|source| EbpfError::Pin { path, source })
 }
 
 /// Pins `link` and returns a descriptor of the pinned link.

@@ -42,6 +42,7 @@ pub(crate) struct Tables {
     counters: Map,
     unclaimed: Map,
     events: Map,
+    tw_slot: Map,
 }
 
 /// The map-in-map whose update waits for an RCU grace period, and its
@@ -170,6 +171,7 @@ impl Tables {
             counters: take_map(ebpf, names::COUNTERS)?,
             unclaimed: take_map(ebpf, names::UNCLAIMED)?,
             events: take_map(ebpf, names::EVENTS)?,
+            tw_slot: take_map(ebpf, names::TW_SLOT)?,
         })
     }
 
@@ -189,6 +191,7 @@ impl Tables {
             counters: open_map(dir, names::COUNTERS)?,
             unclaimed: open_map(dir, names::UNCLAIMED)?,
             events: open_map(dir, names::EVENTS)?,
+            tw_slot: open_map(dir, names::TW_SLOT)?,
         };
         BpfHashMap::<_, u32, Owner>::try_from(&tables.owner)
             .map_err(EbpfError::map(names::OWNER))?;
@@ -225,6 +228,7 @@ impl Tables {
             (names::COUNTERS, &self.counters),
             (names::UNCLAIMED, &self.unclaimed),
             (names::EVENTS, &self.events),
+            (names::TW_SLOT, &self.tw_slot),
         ] {
             pin_map(map, dir, name)?;
         }

@@ -27,7 +27,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use std::os::fd::OwnedFd;
 
-use aya::programs::SchedClassifier;
+use aya::programs::{SchedClassifier, SkLookup};
 
 use crate::abi::{self, names, Owner};
 use crate::error::EbpfError;
@@ -37,6 +37,8 @@ use crate::sys;
 
 /// File name of the shared TC program's pin.
 pub(crate) const PROG_PIN: &str = "prog";
+/// File name of the shared sk_lookup program's pin.
+pub(crate) const LOOKUP_PIN: &str = "lookup_prog";
 /// Prefix of the shared directories under a pin root.
 pub(crate) const SHARED_PREFIX: &str = "_shared-";
 /// Prefix of a sandbox's slot marker directory.
@@ -50,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) sync: Mutex<SyncMaps>,
     /// The loaded, verified TC program.
     pub(crate) prog: OwnedFd,
+    /// The loaded sk_lookup program (attached once per router namespace).
+    pub(crate) lookup: Mutex<SkLookup>,
     pub(crate) events: Arc<Dispatch>,
     /// Where the next slot search starts.
     cursor: AtomicU32,
@@ -160,7 +164,12 @@ impl Shared {
         let path = dir.join(PROG_PIN);
         let prog =
             sys::obj_get(&path).map_err(EbpfError::io(format!("opening {}", path.display())))?;
-        let s = Self::assemble(dir, instance, tables, sync, prog)?;
+        let path = dir.join(LOOKUP_PIN);
+        let lookup = SkLookup::from_pin(&path).map_err(|source| EbpfError::Program {
+            step: format!("open {}", path.display()),
+            source,
+        })?;
+        let s = Self::assemble(dir, instance, tables, sync, prog, lookup)?;
         s.reclaim_orphans()?;
         Ok(s)
     }
@@ -193,6 +202,17 @@ impl Shared {
                 .map_err(|source| EbpfError::Pin { path, source })?;
             tables.pin(&tmp)?;
             sync.pin(&tmp)?;
+            // The sk_lookup program reads the shared tg_net, tg_listeners
+            // and tg_tw_slot through their pins.
+            let mut lookup = crate::filter::load_lookup_object(&tmp)?;
+            let prog: &mut SkLookup = crate::filter::program(&mut lookup, abi::LOOKUP_PROGRAM)?;
+            prog.load().map_err(|source| EbpfError::Program {
+                step: "load sk_lookup".into(),
+                source,
+            })?;
+            let path = tmp.join(LOOKUP_PIN);
+            prog.pin(&path)
+                .map_err(|source| EbpfError::Pin { path, source })?;
             Ok::<_, EbpfError>(())
         })();
         if let Err(e) = built {
@@ -223,6 +243,7 @@ impl Shared {
         tables: Tables,
         sync: SyncMaps,
         prog: OwnedFd,
+        lookup: SkLookup,
     ) -> Result<Arc<Self>, EbpfError> {
         let events = Dispatch::start(tables.events_fd()?)?;
         Ok(Arc::new(Self {
@@ -231,6 +252,7 @@ impl Shared {
             tables: Mutex::new(tables),
             sync: Mutex::new(sync),
             prog,
+            lookup: Mutex::new(lookup),
             events,
             cursor: AtomicU32::new(0),
             held: Mutex::new(HashMap::new()),
@@ -465,7 +487,7 @@ fn named_slots(root: &Path, instance: &str) -> std::collections::HashSet<u32> {
 
 /// Unlinks a shared directory's pins and the directory.
 fn remove_shared_pins(dir: &Path) -> Result<(), EbpfError> {
-    for name in std::iter::once(PROG_PIN).chain(names::ALL) {
+    for name in [PROG_PIN, LOOKUP_PIN].into_iter().chain(names::ALL) {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}

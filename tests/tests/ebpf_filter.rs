@@ -1546,7 +1546,7 @@ fn pinned_filter_survives_restart_and_detaches() {
     // The sandbox's own pins, and the shared program and maps it is a slot of.
     let slot = f.slot();
     drop(f); // the daemon exits
-    for name in ["link", "lookup_link", "lookup_prog"] {
+    for name in ["link", "lookup_link"] {
         assert!(t.pin_dir.join(name).exists(), "{name} is pinned");
     }
     // The slot marker: tg_slot_<slot>_<epoch>_<instance>.
@@ -1561,6 +1561,8 @@ fn pinned_filter_survives_restart_and_detaches() {
     let shared = Path::new(PIN_TEST_ROOT).join(format!("_shared-{}", tollgate_ebpf::instance()));
     for name in [
         "prog",
+        "lookup_prog",
+        "tg_tw_slot",
         "tg_owner",
         "tg_net",
         "tg_active",
