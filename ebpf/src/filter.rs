@@ -653,35 +653,31 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
 /// ABI 1 too) and the slot marker, then the directory if it is empty.
 /// Missing files are fine.
 fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
-    let files = [LINK_PIN, LOOKUP_LINK_PIN, PROG_PIN, LOOKUP_PROG_PIN]
-        .into_iter()
-        .chain(names::ALL);
-    for name in files {
-        let path = dir.join(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(EbpfError::io(format!("removing {}", path.display()))(e)),
+    let unlink = |path: &Path, is_dir: bool| {
+        let r = if is_dir {
+            std::fs::remove_dir(path)
+        } else {
+            std::fs::remove_file(path)
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(EbpfError::io(format!("removing {}", path.display()))(e)),
         }
-    }
+    };
+    // The marker first: a directory without it is not an attached filter.
+    unlink(&dir.join(LINK_PIN), false)?;
+    let known = [LOOKUP_LINK_PIN, PROG_PIN, LOOKUP_PROG_PIN];
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(shared::SLOT_PREFIX))
-        {
-            let path = e.path();
-            match std::fs::remove_dir(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(EbpfError::io(format!("removing {}", path.display()))(e)),
-            }
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(shared::SLOT_PREFIX) {
+            unlink(&e.path(), true)?;
+        } else if known.contains(&name) || names::ALL.contains(&name) {
+            unlink(&e.path(), false)?;
         }
     }
-    match std::fs::remove_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(EbpfError::io(format!("removing {}", dir.display()))(e)),
-    }
+    unlink(dir, true)
 }
 
 /// Runs `f` on a new thread that has entered the network namespace `netns`.

@@ -804,7 +804,9 @@ fn same_guest_address_twice_fails_closed_without_ebpf_and_is_natted_when_allowed
         assert_eq!(reply, "canary\n");
         // The canary's sniffer records on its own thread: wait (bounded)
         // for the SYN to be seen.
-        wait_until(Duration::from_secs(3), || !lab.canary.to(to.ip()).is_empty());
+        wait_until(Duration::from_secs(3), || {
+            !lab.canary.to(to.ip()).is_empty()
+        });
         let seen = lab.canary.to(to.ip());
         assert!(
             !seen.is_empty() && seen.iter().all(|s| s.src == src),
