@@ -193,26 +193,16 @@ impl Shared {
             let sync = SyncMaps::take(&mut object)?;
             let prog: &mut SchedClassifier =
                 crate::filter::program(&mut object, abi::EGRESS_PROGRAM)?;
-            prog.load().map_err(|source| EbpfError::Program {
-                step: "load tc".into(),
-                source,
-            })?;
-            let path = tmp.join(PROG_PIN);
-            prog.pin(&path)
-                .map_err(|source| EbpfError::Pin { path, source })?;
+            load_and_pin("load tc", tmp.join(PROG_PIN), prog.load(), |p| prog.pin(p))?;
             tables.pin(&tmp)?;
             sync.pin(&tmp)?;
             // The sk_lookup program reads the shared tg_net, tg_listeners
             // and tg_tw_slot through their pins.
             let mut lookup = crate::filter::load_lookup_object(&tmp)?;
             let prog: &mut SkLookup = crate::filter::program(&mut lookup, abi::LOOKUP_PROGRAM)?;
-            prog.load().map_err(|source| EbpfError::Program {
-                step: "load sk_lookup".into(),
-                source,
+            load_and_pin("load sk_lookup", tmp.join(LOOKUP_PIN), prog.load(), |p| {
+                prog.pin(p)
             })?;
-            let path = tmp.join(LOOKUP_PIN);
-            prog.pin(&path)
-                .map_err(|source| EbpfError::Pin { path, source })?;
             Ok::<_, EbpfError>(())
         })();
         if let Err(e) = built {
@@ -396,6 +386,23 @@ impl Shared {
 }
 
 static NEXT_TMP: AtomicU32 = AtomicU32::new(0);
+
+/// A program's load (verification) result, then its pin at `path`.
+fn load_and_pin<P>(
+    step: &str,
+    path: PathBuf,
+    loaded: Result<(), aya::programs::ProgramError>,
+    pin: P,
+) -> Result<(), EbpfError>
+where
+    P: FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+{
+    loaded.map_err(|source| EbpfError::Program {
+        step: step.to_owned(),
+        source,
+    })?;
+    pin(&path).map_err(|source| EbpfError::Pin { path, source })
+}
 
 /// Frees what processes that died left under `root` in their own
 /// (`pid<N>`) instances: slots no pin directory names, and the instance's

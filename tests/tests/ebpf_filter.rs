@@ -640,15 +640,8 @@ impl Topo {
     /// Names of the BPF programs on the router's tgs0 at ingress, as
     /// `tc filter show` lists them (`... bpf ... <name> direct-action ...`).
     fn ingress_programs(&self) -> Vec<String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", ns_path(&self.rtr).display()))
-            .args(["tc", "filter", "show", "dev", "tgs0", "ingress"])
-            .output()
-            .expect("run tc filter show");
-        assert!(out.status.success(), "tc filter show: {out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains(" bpf ") && l.contains("direct-action"))
+        self.bpf_filter_lines()
+            .iter()
             .filter_map(|l| {
                 let words: Vec<&str> = l.split_whitespace().collect();
                 let at = words.iter().position(|w| *w == "direct-action")?;
@@ -659,9 +652,9 @@ impl Topo {
 }
 
 impl Topo {
-    /// Kernel ids of the BPF programs on the router's tgs0 at ingress and
-    /// the filters' classids (`tc filter show`: `... flowid M:N ... id <id>`).
-    fn ingress_ids(&self) -> Vec<(String, u32)> {
+    /// The direct-action `cls_bpf` lines of `tc filter show` for the
+    /// router's tgs0 at ingress.
+    fn bpf_filter_lines(&self) -> Vec<String> {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", ns_path(&self.rtr).display()))
             .args(["tc", "filter", "show", "dev", "tgs0", "ingress"])
@@ -671,6 +664,15 @@ impl Topo {
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.contains(" bpf ") && l.contains("direct-action"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Kernel ids of the BPF programs on the router's tgs0 at ingress and
+    /// the filters' classids (`tc filter show`: `... flowid M:N ... id <id>`).
+    fn ingress_ids(&self) -> Vec<(String, u32)> {
+        self.bpf_filter_lines()
+            .iter()
             .filter_map(|l| {
                 let words: Vec<&str> = l.split_whitespace().collect();
                 let after = |key: &str| {
