@@ -4,10 +4,12 @@
 //!
 //! The kernel keeps one consumer position per ring buffer, so one consumer
 //! ([`Dispatch::pump`], under a lock) drains it for every sandbox; a record
-//! goes to the queue of its slot and namespace cookie (a record of a slot's
-//! previous owner names another cookie and is discarded).
+//! goes to the queue of its slot and namespace cookie, made on demand (a
+//! restarted daemon drains records written while it was away before it has
+//! reopened every sandbox). A record of an owner whose slot was released
+//! (its key closed) is discarded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,8 +37,19 @@ struct Queue {
 /// The ring and the per-sandbox queues of one shared object.
 pub(crate) struct Dispatch {
     ring: Mutex<RingBuf<MapData>>,
-    queues: Mutex<HashMap<(u32, u64), Queue>>,
+    queues: Mutex<Queues>,
     stop: AtomicBool,
+}
+
+/// Keys of released owners remembered, so that their late records make no
+/// new queue.
+const CLOSED_MAX: usize = 8192;
+
+#[derive(Default)]
+struct Queues {
+    open: HashMap<(u32, u64), Queue>,
+    closed: HashSet<(u32, u64)>,
+    closed_order: VecDeque<(u32, u64)>,
 }
 
 impl Dispatch {
@@ -47,7 +60,7 @@ impl Dispatch {
         let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(EbpfError::map(names::EVENTS))?;
         let d = Arc::new(Self {
             ring: Mutex::new(ring),
-            queues: Mutex::new(HashMap::new()),
+            queues: Mutex::new(Queues::default()),
             stop: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&d);
@@ -90,9 +103,11 @@ impl Dispatch {
             let Some(event) = DropEvent::from_bytes(&item) else {
                 continue;
             };
-            let Some(q) = queues.get_mut(&(raw.slot, raw.netns_cookie)) else {
+            let key = (raw.slot, raw.netns_cookie);
+            if queues.closed.contains(&key) {
                 continue;
-            };
+            }
+            let q = queues.open.entry(key).or_default();
             if q.events.len() >= QUEUE_MAX {
                 q.lost += 1;
                 continue;
@@ -110,29 +125,47 @@ impl Dispatch {
     /// Opens the queue of `slot` owned by the namespace `cookie` (a no-op
     /// when it is open): its events are kept from now on.
     pub(crate) fn open(&self, slot: u32, cookie: u64) {
-        lock(&self.queues).entry((slot, cookie)).or_default();
+        lock(&self.queues).open.entry((slot, cookie)).or_default();
     }
 
-    /// Drops the queue of `slot` (the sandbox is gone).
+    /// Drops the queue of `slot` (the sandbox is gone); its late records
+    /// are discarded.
     pub(crate) fn close(&self, slot: u32, cookie: u64) {
-        lock(&self.queues).remove(&(slot, cookie));
+        let key = (slot, cookie);
+        let mut q = lock(&self.queues);
+        q.open.remove(&key);
+        if q.closed.insert(key) {
+            q.closed_order.push_back(key);
+            if q.closed_order.len() > CLOSED_MAX {
+                if let Some(old) = q.closed_order.pop_front() {
+                    q.closed.remove(&old);
+                }
+            }
+        }
     }
 
     /// Events lost because the queue was full.
     pub(crate) fn lost(&self, slot: u32, cookie: u64) -> u64 {
         lock(&self.queues)
+            .open
             .get(&(slot, cookie))
             .map_or(0, |q| q.lost)
     }
 
     fn pop(&self, key: (u32, u64)) -> Option<DropEvent> {
         lock(&self.queues)
+            .open
             .get_mut(&key)
             .and_then(|q| q.events.pop_front())
     }
 
     fn notify(&self, key: (u32, u64)) -> Arc<Notify> {
-        lock(&self.queues).entry(key).or_default().notify.clone()
+        lock(&self.queues)
+            .open
+            .entry(key)
+            .or_default()
+            .notify
+            .clone()
     }
 }
 
