@@ -57,12 +57,13 @@
 //! (`TOLLGATE_BENCH_QUICK=1` for a shorter run, `TOLLGATE_BENCH_ROUNDS=N`;
 //! `-- <filter>` for one scenario, see [`filter`]).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -1377,7 +1378,112 @@ fn filter() -> Option<String> {
     std::env::args().skip(1).find(|a| !a.starts_with('-'))
 }
 
+/// `TOLLGATE_BENCH_PROFILE=<path>:<h1|h2>` (path: `direct`, `intercept`,
+/// `bare_proxy`, `tunnel`): keep-alive requests over that one path only, for
+/// `TOLLGATE_BENCH_PROFILE_SECS` (default 10) seconds, so that a profiler
+/// attached to the process (`perf record`, `perf stat`, `strace -c`) sees
+/// one path's work alone. Prints the rate and where the CPU went; writes no
+/// report.
+fn profile(spec: &str) -> Result<(), String> {
+    let (path, http) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("TOLLGATE_BENCH_PROFILE={spec:?}: expected <path>:<h1|h2>"))?;
+    let path = [Path::Direct, Path::Intercept, Path::Bare, Path::Tunnel]
+        .into_iter()
+        .find(|p| p.tag() == path)
+        .ok_or_else(|| format!("unknown path {path:?} (direct, intercept, bare_proxy, tunnel)"))?;
+    let http = [Http::H1, Http::H2]
+        .into_iter()
+        .find(|h| h.tag() == http)
+        .ok_or_else(|| format!("unknown protocol {http:?} (h1, h2)"))?;
+    let secs: f64 = match std::env::var("TOLLGATE_BENCH_PROFILE_SECS") {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("TOLLGATE_BENCH_PROFILE_SECS={v:?}: not a number"))?,
+        Err(_) => 10.0,
+    };
+    let rig = Rig::new();
+    let warm = rig.requests(path, http, Duration::from_millis(500));
+    eprintln!(
+        "{BENCH}: profiling {} {} for {secs} s (pid {})",
+        path.tag(),
+        http.tag(),
+        std::process::id()
+    );
+    let allocs = ALLOCS.load(Ordering::Relaxed);
+    COUNT_ALLOCS.store(true, Ordering::Relaxed);
+    let run = rig.requests(path, http, Duration::from_secs_f64(secs));
+    COUNT_ALLOCS.store(false, Ordering::Relaxed);
+    let allocs = ALLOCS.load(Ordering::Relaxed) - allocs;
+    println!(
+        "{BENCH}: profile {} {}: {} requests (after {} warming up), {}, {:.1} allocations per request (whole process)",
+        path.tag(),
+        http.tag(),
+        run.requests,
+        warm.requests,
+        run.progress("req", 2),
+        allocs as f64 / run.requests.max(1) as f64
+    );
+    let problems = rig.problems.lock().expect("problems").clone();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// The system allocator, counting allocations while [`COUNT_ALLOCS`] is on
+/// (the profile mode only: whole process, so the paths' difference is the
+/// proxy's, the client and origin doing the same work on every path).
+struct Counting;
+
+static COUNT_ALLOCS: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+#[allow(unsafe_code)] // a global allocator is an unsafe trait; bench diagnostics only
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNT_ALLOCS.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if COUNT_ALLOCS.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNT_ALLOCS.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
 fn main() {
+    if let Ok(spec) = std::env::var("TOLLGATE_BENCH_PROFILE") {
+        if let Err(e) = profile(&spec) {
+            eprintln!("{BENCH}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let started = Instant::now();
     let rounds = rounds(3, 5);
     let dur = if quick() {

@@ -143,8 +143,22 @@ enum End {
 #[derive(Debug)]
 pub(crate) struct Activity {
     base: Instant,
-    /// Milliseconds after `base` of the last movement.
+    /// The coarse clock at `base` (`None` if it cannot be read: then the
+    /// precise one is used).
+    base_coarse_ms: Option<u64>,
+    /// Milliseconds after `base` of the last movement (within a clock
+    /// tick: plenty for idle timeouts of seconds).
     last_ms: AtomicU64,
+}
+
+/// Milliseconds on the kernel's coarse monotonic clock (`Instant`'s clock
+/// at the resolution of a tick): read from memory the kernel updates,
+/// several times cheaper than a precise clock read.
+fn coarse_ms() -> Option<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).ok()?;
+    let secs = u64::try_from(t.tv_sec()).ok()?;
+    let nanos = u64::try_from(t.tv_nsec()).ok()?;
+    Some(secs * 1000 + nanos / 1_000_000)
 }
 
 /// One direction of a relay: where it reads, where it writes, what it counts.
@@ -191,14 +205,22 @@ impl Activity {
     pub(crate) fn new() -> Self {
         Self {
             base: Instant::now(),
+            base_coarse_ms: coarse_ms(),
             last_ms: AtomicU64::new(0),
         }
     }
 
-    /// Records that bytes moved now.
+    /// Records that bytes moved now (every read and write of a connection:
+    /// a coarse clock read, and a shared write at most once a millisecond).
     pub(crate) fn touch(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        let ms = self
+            .base_coarse_ms
+            .zip(coarse_ms())
+            .map(|(base, now)| now.saturating_sub(base))
+            .unwrap_or_else(|| u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX));
+        if ms > self.last_ms.load(Ordering::Relaxed) {
+            self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        }
     }
 
     fn last(&self) -> Instant {

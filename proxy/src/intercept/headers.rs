@@ -40,6 +40,8 @@ pub struct Rewrite {
     strip: Vec<HeaderName>,
     inject: Vec<(HeaderName, HeaderValue)>,
     secrets: Vec<Vec<u8>>,
+    /// The length of the shortest secret: no shorter value can carry one.
+    shortest: usize,
     /// Built once; each response gets a cheap copy.
     scrubber: Option<Scrubber>,
 }
@@ -81,10 +83,12 @@ impl Rewrite {
         secrets.sort();
         secrets.dedup();
         let scrubber = Scrubber::new(&secrets);
+        let shortest = secrets.iter().map(Vec::len).min().unwrap_or(0);
         Ok(Self {
             strip,
             inject,
             secrets,
+            shortest,
             scrubber,
         })
     }
@@ -124,9 +128,8 @@ impl Rewrite {
 
     /// Whether `value` contains an injected value or one of its tokens.
     pub fn carries_secret(&self, value: &[u8]) -> bool {
-        self.secrets
-            .iter()
-            .any(|s| value.len() >= s.len() && value.windows(s.len()).any(|w| w == &s[..]))
+        // The scrubber's finders are built from exactly `secrets`.
+        value.len() >= self.shortest && self.scrubber.as_ref().is_some_and(|s| s.finds_any(value))
     }
 
     /// A scrubber for response bodies, when something is injected.

@@ -112,12 +112,15 @@ impl Scrubber {
         buf.freeze()
     }
 
+    /// Whether `data` contains any of the secrets.
+    pub fn finds_any(&self, data: &[u8]) -> bool {
+        self.finders.iter().any(|f| f.find(data).is_some())
+    }
+
     /// Whether `data` would pass unchanged: nothing held back, no secret
     /// begun before, none in it.
     fn clean_start(&self, data: &[u8]) -> bool {
-        self.carry.is_empty()
-            && self.partial.is_empty()
-            && self.finders.iter().all(|f| f.find(data).is_none())
+        self.carry.is_empty() && self.partial.is_empty() && !self.finds_any(data)
     }
 
     /// The held-back tail, at the end of the stream.
@@ -180,34 +183,31 @@ impl Scrubber {
 
 /// A response body with secrets masked in its data and redacted from its
 /// trailers.
-pub struct ScrubBody<B> {
+pub struct ScrubBody<B, R> {
     inner: B,
     scrub: Scrubber,
-    redact_trailers: Box<dyn Fn(&mut HeaderMap) + Send + Sync>,
+    redact_trailers: R,
     trailers: Option<HeaderMap>,
     done: bool,
 }
 
-impl<B> ScrubBody<B> {
+impl<B, R: Fn(&mut HeaderMap)> ScrubBody<B, R> {
     /// Wraps `inner`; `redact_trailers` is applied to its trailers.
-    pub fn new(
-        inner: B,
-        scrub: Scrubber,
-        redact_trailers: impl Fn(&mut HeaderMap) + Send + Sync + 'static,
-    ) -> Self {
+    pub fn new(inner: B, scrub: Scrubber, redact_trailers: R) -> Self {
         Self {
             inner,
             scrub,
-            redact_trailers: Box::new(redact_trailers),
+            redact_trailers,
             trailers: None,
             done: false,
         }
     }
 }
 
-impl<B> Body for ScrubBody<B>
+impl<B, R> Body for ScrubBody<B, R>
 where
     B: Body<Data = Bytes> + Unpin,
+    R: Fn(&mut HeaderMap) + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;

@@ -38,8 +38,10 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 
 use std::time::{Duration, Instant};
 
@@ -49,7 +51,6 @@ use http::header::{
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -64,7 +65,7 @@ use crate::respond::{self, Body};
 use crate::tunnel::{serve_until, ActiveIo, Activity};
 
 use super::error::ProxyError;
-use super::http::{strip_hop_by_hop, switching_protocols};
+use super::http::{h1_server, strip_hop_by_hop, switching_protocols};
 use super::registry::{ConnHandle, Kind};
 use super::SandboxProxy;
 
@@ -73,8 +74,42 @@ mod pool;
 pub(crate) use pool::Pool;
 use pool::{Key, Sender};
 
-/// Request bodies as sent upstream.
-pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
+/// A request body as sent upstream: the sandbox's, its trailers rewritten
+/// by the transform (a body type of its own, not a boxed one: no
+/// allocation per request).
+pub(crate) struct UpBody {
+    inner: Incoming,
+    rewrite: Option<Arc<Rewrite>>,
+}
+
+impl hyper::body::Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        Poll::Ready(polled.map(|frame| {
+            frame.map(|mut f| {
+                if let (Some(t), Some(rw)) = (f.trailers_mut(), &this.rewrite) {
+                    rw.apply_trailers(t);
+                }
+                f
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Most concurrent HTTP/2 streams a sandbox may open per connection.
 const MAX_STREAMS: u32 = 100;
@@ -146,9 +181,8 @@ impl UpAuthority {
     }
 }
 
-/// What the authority of a request says.
+/// What the authority of a request says, once it names the SNI.
 struct Target {
-    host: String,
     port: Option<u16>,
 }
 
@@ -234,7 +268,10 @@ pub(super) async fn serve(
     let svc_ctx = Arc::clone(&ctx);
     let svc = hyper::service::service_fn(move |req| {
         let ctx = Arc::clone(&svc_ctx);
-        async move { Ok::<_, Infallible>(ctx.request(req).await) }
+        // Boxed: hyper moves a service future several times (for HTTP/2,
+        // into a task of its own) before it is first polled; a request's
+        // state is KiBs, a box is a pointer.
+        async move { Ok::<_, Infallible>(Box::pin(ctx.request(req)).await) }
     });
     let io = TokioIo::new(tls);
     let served = async move {
@@ -247,13 +284,10 @@ pub(super) async fn serve(
                 .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
             b.serve_connection(io, svc).await
         } else {
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(cfg.http_header_timeout)
-                .max_headers(cfg.max_request_headers)
-                .max_buf_size(cfg.max_header_bytes.max(8192))
-                .keep_alive(true);
-            b.serve_connection(io, svc).with_upgrades().await
+            h1_server(&cfg)
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
         }
     };
     let stop = async {
@@ -271,13 +305,22 @@ pub(super) async fn serve(
 /// Bytes of an HTTP/1 request head as sent: request line, each header line
 /// (`name: value` + CRLF) and the final CRLF.
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let line = req.method().as_str().len() + uri_len(req.uri()) + 12;
     req.headers()
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum::<usize>()
         + line
         + 2
+}
+
+/// The length of `uri` as written in a request line (as its `Display`
+/// writes it), without writing it.
+fn uri_len(uri: &Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1)
 }
 
 /// Lower case, no trailing dot.
@@ -311,7 +354,7 @@ impl Conn {
             Ok(t) => t,
             Err(e) => return self.refuse(e),
         };
-        if target.host != self.sni || target.port.is_some_and(|p| p != dst.port()) {
+        if target.port.is_some_and(|p| p != dst.port()) {
             return self.refuse(ProxyError::Misdirected);
         }
         let upgrade = !self.h2 && wants_upgrade(&req);
@@ -343,12 +386,30 @@ impl Conn {
     }
 
     /// The request's authority: `:authority` / absolute URI, else the one
-    /// `Host`; both present → they must agree.
+    /// `Host`; both present → they must agree; it must name the SNI
+    /// (else `421`).
     fn target(&self, req: &Request<Incoming>) -> Result<Target, ProxyError> {
         let mut hosts = req.headers().get_all(HOST).iter();
         let host = hosts.next();
         if hosts.next().is_some() {
             return Err(ProxyError::BadRequest("duplicate_host"));
+        }
+        // The common case, without parsing: the one authority given is the
+        // SNI as it was normalised, alone or with the original port.
+        let named = match (req.uri().authority(), host) {
+            (Some(a), None) => Some(a.as_str().as_bytes()),
+            (None, Some(h)) => Some(h.as_bytes()),
+            _ => None,
+        };
+        if let (Some(named), Some((bare, with_port))) = (named, &self.authorities) {
+            if named.eq_ignore_ascii_case(bare.host.as_bytes()) {
+                return Ok(Target { port: None });
+            }
+            if named.eq_ignore_ascii_case(with_port.host.as_bytes()) {
+                return Ok(Target {
+                    port: Some(self.handle.dst().port()),
+                });
+            }
         }
         let from_host = host
             .map(|v| {
@@ -372,8 +433,10 @@ impl Conn {
         if auth.as_str().contains('@') {
             return Err(ProxyError::BadRequest("userinfo_in_authority"));
         }
+        if normalise(auth.host()) != self.sni {
+            return Err(ProxyError::Misdirected);
+        }
         Ok(Target {
-            host: normalise(auth.host()),
             port: auth.port_u16(),
         })
     }
@@ -423,7 +486,7 @@ impl Conn {
             None
         };
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(HOST);
+        // (`Host` is set, or removed for HTTP/2, by `Head::build`.)
         // The proxy sends the body as soon as the upstream is ready; the
         // sandbox's client got its `100 Continue` from hyper when the body
         // was first polled.
@@ -448,16 +511,9 @@ impl Conn {
                 .insert(CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(UPGRADE, v);
         }
-        let body: UpBody = match rewrite.clone() {
-            Some(rw) => body
-                .map_frame(move |mut f| {
-                    if let Some(t) = f.trailers_mut() {
-                        rw.apply_trailers(t);
-                    }
-                    f
-                })
-                .boxed(),
-            None => body.boxed(),
+        let body = UpBody {
+            inner: body,
+            rewrite: rewrite.clone(),
         };
         let path = parts
             .uri
@@ -484,7 +540,7 @@ impl Conn {
         // gets HTTP/1.1 upstream (no multiplexing hop; its semantics kept
         // end to end), an h2 client gets h2 where the upstream offers it.
         let mut resp = if upgrade {
-            let sender = self.connect(policy, true).await?;
+            let sender = self.connect(policy, true, true).await?;
             let Sender::H1(mut s) = sender else {
                 return Err(ProxyError::Internal("h2_for_upgrade"));
             };
@@ -524,7 +580,7 @@ impl Conn {
         let mut pending = (head, body);
         for attempt in 0..2 {
             let sender = if attempt > 0 {
-                self.connect(policy, key.http1_only).await?
+                self.connect(policy, key.http1_only, false).await?
             } else if self.h2 {
                 self.h2_sender(policy).await?
             } else {
@@ -532,7 +588,7 @@ impl Conn {
                     Some(s) => Sender::H1(s),
                     None => match pool.checkout(key) {
                         Some(s) => s,
-                        None => self.connect(policy, key.http1_only).await?,
+                        None => self.connect(policy, key.http1_only, false).await?,
                     },
                 }
             };
@@ -582,7 +638,7 @@ impl Conn {
         let pooled_or_new = || async {
             match self.proxy.pool().checkout(&self.key) {
                 Some(s) => Ok(s),
-                None => self.connect(policy, self.key.http1_only).await,
+                None => self.connect(policy, self.key.http1_only, false).await,
             }
         };
         if self.up_no_h2.load(Ordering::Relaxed) {
@@ -680,11 +736,25 @@ impl Conn {
 
     /// Dials the SNI's own addresses, verifies its certificate, and starts
     /// an HTTP connection (h2 when the upstream picks it, unless
-    /// `http1_only`).
+    /// `http1_only`; an HTTP/1.1 one that can be upgraded when `upgrade`,
+    /// the others do without hyper's upgrade plumbing on every exchange).
     async fn connect(
         &self,
         policy: &CompiledPolicy,
         http1_only: bool,
+        upgrade: bool,
+    ) -> Result<Sender, ProxyError> {
+        // Boxed: a dial's state (TLS and HTTP handshakes, several KiB)
+        // would otherwise be part of every request's future, which is
+        // moved at each request even when, as usual, nothing is dialled.
+        Box::pin(self.dial(policy, http1_only, upgrade)).await
+    }
+
+    async fn dial(
+        &self,
+        policy: &CompiledPolicy,
+        http1_only: bool,
+        upgrade: bool,
     ) -> Result<Sender, ProxyError> {
         let dst = self.handle.dst();
         let proxy = &self.proxy;
@@ -734,9 +804,15 @@ impl Conn {
                 .handshake::<_, UpBody>(io)
                 .await
                 .map_err(ProxyError::UpstreamHttp)?;
-            pool.spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
+            if upgrade {
+                pool.spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+            } else {
+                pool.spawn(async move {
+                    let _ = conn.await;
+                });
+            }
             Ok(Sender::H1(sender))
         }
     }
@@ -855,8 +931,7 @@ impl Head {
     /// The head of a request built by [`Head::build`] for HTTP/1.1 with
     /// `authority`, back.
     fn unbuild(req: Request<UpBody>, authority: UpAuthority) -> (Self, UpBody) {
-        let (mut parts, body) = req.into_parts();
-        parts.headers.remove(HOST);
+        let (parts, body) = req.into_parts();
         let path = parts
             .uri
             .path_and_query()
@@ -871,12 +946,14 @@ impl Head {
         (head, body)
     }
 
-    /// HTTP/2: absolute URI, no Host. HTTP/1.1: origin form plus Host.
+    /// HTTP/2: absolute URI, no Host. HTTP/1.1: origin form plus Host (in
+    /// place of any the sandbox sent).
     fn build(self, body: UpBody, h2: bool) -> Result<Request<UpBody>, ProxyError> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method;
         *req.headers_mut() = self.headers;
         if h2 {
+            req.headers_mut().remove(HOST);
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(Scheme::HTTPS);
             uri.authority = Some(self.authority.uri);
@@ -890,5 +967,29 @@ impl Head {
             req.headers_mut().insert(HOST, self.authority.host);
         }
         Ok(req)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_len_is_the_written_length() {
+        for s in [
+            "/",
+            "/a/b?c=d&e",
+            "/?",
+            "*",
+            "https://api.test/x?y",
+            "https://api.test:8443",
+            "http://api.test:80/",
+            "api.test:443",
+            "/%E2%82%AC?q=%20",
+        ] {
+            let uri: Uri = s.parse().unwrap();
+            assert_eq!(uri_len(&uri), uri.to_string().len(), "{s}");
+        }
     }
 }

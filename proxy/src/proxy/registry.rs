@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{watch, OwnedSemaphorePermit};
@@ -67,6 +68,10 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Registry {
     state: Mutex<State>,
+    /// [`State::generation`], readable without the lock: a connection that
+    /// decided the same name under this generation already has its answer
+    /// (stored under the lock, after the swap).
+    generation: AtomicU64,
 }
 
 /// A registered connection. Dropping it unregisters the connection and
@@ -77,6 +82,10 @@ pub(crate) struct ConnHandle {
     dst: SocketAddr,
     registry: Arc<Registry>,
     close: watch::Receiver<Option<CloseCause>>,
+    /// This connection's last decision with the policy it was taken under
+    /// (what the registry recorded for it), answered again without the
+    /// registry's lock while the generation stands.
+    last: Mutex<Option<(Decided, Arc<CompiledPolicy>)>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -92,6 +101,7 @@ impl Registry {
                 conns: HashMap::new(),
                 shut: false,
             }),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -127,6 +137,7 @@ impl Registry {
             dst,
             registry: Arc::clone(self),
             close: rx,
+            last: Mutex::new(None),
             _permit: permit,
         })
     }
@@ -143,6 +154,7 @@ impl Registry {
         let mut st = self.lock();
         st.policy = policy;
         st.generation += 1;
+        self.generation.store(st.generation, Ordering::Release);
         let policy = Arc::clone(&st.policy);
         let mut closed = 0;
         for entry in st.conns.values() {
@@ -196,6 +208,27 @@ impl ConnHandle {
     /// records the verdict (atomically with respect to policy swaps).
     /// Returns the verdict and the policy it was taken under.
     pub(crate) fn decide(&self, name: Option<&str>, kind: Kind) -> (Verdict, Arc<CompiledPolicy>) {
+        let current = self.registry.generation.load(Ordering::Acquire);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((d, policy)) = last.as_ref() {
+            if d.generation == current && d.kind == kind && d.name.as_deref() == name {
+                return (d.verdict.clone(), Arc::clone(policy));
+            }
+        }
+        let (verdict, policy, decided) = self.decide_locked(name, kind);
+        if let Some(d) = decided {
+            *last = Some((d, Arc::clone(&policy)));
+        }
+        (verdict, policy)
+    }
+
+    /// [`ConnHandle::decide`] under the registry's lock; also returns what
+    /// it recorded.
+    fn decide_locked(
+        &self,
+        name: Option<&str>,
+        kind: Kind,
+    ) -> (Verdict, Arc<CompiledPolicy>, Option<Decided>) {
         let mut st = self.registry.lock();
         let st = &mut *st;
         let policy = Arc::clone(&st.policy);
@@ -205,25 +238,28 @@ impl ConnHandle {
         // under the same policy the answer is the one recorded.
         if let Some(d) = entry.as_ref().and_then(|e| e.decided.as_ref()) {
             if d.generation == generation && d.kind == kind && d.name.as_deref() == name {
-                return (d.verdict.clone(), policy);
+                return (d.verdict.clone(), policy, Some(d.clone()));
             }
         }
         let verdict = policy.decide(name, self.dst.ip(), self.dst.port(), Proto::Tcp);
-        if let Some(entry) = entry {
-            entry.decided = Some(Decided {
-                name: name.map(str::to_string),
-                verdict: verdict.clone(),
-                kind,
-                generation,
-            });
-        }
-        (verdict, policy)
+        let Some(entry) = entry else {
+            return (verdict, policy, None);
+        };
+        let d = Decided {
+            name: name.map(str::to_string),
+            verdict: verdict.clone(),
+            kind,
+            generation,
+        };
+        entry.decided = Some(d.clone());
+        (verdict, policy, Some(d))
     }
 
     /// Turns this connection into a tunnel for policy updates (an HTTP
     /// connection that upgraded to a WebSocket): from now on any change of
     /// its last verdict closes it.
     pub(crate) fn mark_tunnel(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let mut st = self.registry.lock();
         if let Some(d) = st.conns.get_mut(&self.id).and_then(|e| e.decided.as_mut()) {
             d.kind = Kind::Tunnel;

@@ -1523,4 +1523,39 @@ async fn oversized_and_stalled_heads() {
     assert_eq!(seen.lock().unwrap().len(), 3);
 }
 
+/// A header count limit other than hyper's own 100 is the one enforced.
+#[tokio::test]
+async fn a_configured_header_count_limit_is_enforced() {
+    let [up] = <[TcpListener; 1]>::try_from(bind_same_port(&["127.0.0.2"]).await).unwrap();
+    let (server, seen) = http_upstream(up);
+    let cfg = ProxyConfig {
+        max_request_headers: 20,
+        ..test_cfg()
+    };
+    let h = start(
+        custom(&["allowed.test"]),
+        StaticResolver::new().with("allowed.test", [ip("127.0.0.2")]),
+        cfg,
+        server.addr,
+        ip("127.0.0.1"),
+    )
+    .await;
+    for (extra, status) in [(15, 200), (25, 431)] {
+        let mut head = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n".to_vec();
+        for i in 0..extra {
+            head.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut c = Raw::connect(h.addr).await;
+        c.send(&head).await;
+        let r = c.response().await.expect("a response");
+        assert_eq!(r.status, status, "{extra} extra headers");
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "only the head within the limit went upstream"
+    );
+}
+
 mod intercept_tests;

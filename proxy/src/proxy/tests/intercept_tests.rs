@@ -308,6 +308,51 @@ async fn authority_other_than_sni_is_421_and_nothing_goes_upstream() {
 }
 
 #[tokio::test]
+async fn the_sni_in_any_case_with_a_trailing_dot_or_its_port_is_served() {
+    let s = setup().await;
+    let port = s.upstream.addr.port();
+    let forms = [
+        "api.test".to_string(),
+        "API.Test".to_string(),
+        "api.test.".to_string(),
+        format!("api.test:{port}"),
+        format!("Api.TEST:{port}"),
+    ];
+    for h2 in [false, true] {
+        let mut c = Client::connect(&s, h2).await;
+        for form in &forms {
+            let (status, headers, _) = c.get(form, "/ok", &[]).await;
+            assert_eq!(status, StatusCode::OK, "h2={h2} authority {form}");
+            assert!(headers.get("x-tollgate-reason").is_none());
+        }
+    }
+    // Whatever case the sandbox wrote, the upstream is named as the SNI.
+    let seen = s.origin.seen.lock().unwrap();
+    assert_eq!(
+        seen.len(),
+        2 * forms.len(),
+        "every form reached the origin once"
+    );
+    let with_port = format!("api.test:{port}");
+    for r in seen.iter() {
+        let named = match r.headers.get("host") {
+            Some(h) => h.to_str().unwrap().to_string(),
+            None => r
+                .uri
+                .parse::<::http::Uri>()
+                .unwrap()
+                .authority()
+                .unwrap()
+                .to_string(),
+        };
+        assert!(
+            named == "api.test" || named == with_port,
+            "upstream named {named:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn redirects_are_returned_not_followed() {
     let s = setup().await;
     let mut c = Client::connect(&s, false).await;
